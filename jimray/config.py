@@ -1,0 +1,171 @@
+"""Configuration: one pydantic model per stage (``extra="forbid"``), composed into a :class:`JobConfig`.
+
+A job is a YAML file; ``--set key.sub=value`` overrides any field; the resolved config is saved with
+every run. :func:`load_job` turns every user mistake (missing file, bad YAML, unknown key, wrong type)
+into a :class:`ConfigError` whose message names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says what is wrong and how to fix it."""
+
+
+class DataConfig(_Strict):
+    """Where the subtomograms come from and their geometry."""
+
+    path: str | None = Field(
+        None, description="STAR file, folder of Parquet shards, or folder of MRC files; None = embedded demo"
+    )
+    simulate_per_class: int = Field(50, ge=1, description="when path is None: simulated particles per structure")
+    simulate_snr: float = Field(0.1, gt=0, description="when path is None: SNR of the simulated particles")
+    simulate_seed: int = 0
+    box_size: int = Field(32, ge=8, le=256, description="subtomogram edge in voxels")
+    voxel_size_angstrom: float | None = Field(None, gt=0, description="override when files lack it")
+    tilt_range_degrees: float = Field(60.0, gt=0, le=90, description="largest tilt; 60 = 30-degree wedge")
+    normalize: bool = Field(True, description="zero mean, unit variance per subtomogram")
+
+
+class ModelConfig(_Strict):
+    """Jim-Net sizes."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32], description="feature channels per level")
+    stages: int = Field(2, ge=2, description="coarse-to-fine alignment stages (m >= 2)")
+    local_radius: int = Field(2, ge=1, description="radius r of the local correlation layer")
+    dilations: list[int] = Field(default_factory=lambda: [1, 2, 4], description="stacked dilated convolutions")
+    feature_dim: int = Field(64, ge=4, description="per-stage feature size in F(s, t)")
+    rotation_representation: Literal["6d", "quaternion"] = "6d"
+    max_shift_fraction: float = Field(0.25, gt=0, le=0.5, description="translation bound, fraction of box")
+    lowpass_cycles_per_voxel: float = Field(0.25, gt=0, le=0.5, description="t of the constrained CC loss")
+
+
+class GMMConfig(_Strict):
+    """Gaussian mixture fitted each round on the embeddings."""
+
+    n_components: int | None = Field(None, ge=1, description="K; None = choose by BIC over candidates")
+    candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 10])
+    covariance_type: Literal["full", "diag"] = "full"
+    reg_covar: float = Field(1e-4, gt=0)
+    n_init: int = Field(3, ge=1)
+    max_iter: int = Field(200, ge=1)
+    tol: float = Field(1e-4, gt=0)
+    pca_dims: int | None = Field(16, ge=1, description="reduce embeddings to this many PCA dims; None = off")
+    init_sample: int = Field(20000, ge=100, description="points gathered for k-means++ seeding")
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    """Pair-matching rounds (Algorithm 1) and the optimiser."""
+
+    rounds: int = Field(5, ge=1)
+    epochs_per_round: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    gamma: list[float] = Field(default_factory=lambda: [1.0, 1.0], description="alignment weight per stage")
+    lambda_reg: float = Field(0.0, ge=0, description="weight of the rigid-transform regulariser L_R")
+    reservoir_per_cluster: int = Field(512, ge=1, description="target volumes kept per cluster by the sampler")
+    seed: int = 0
+
+
+class ScalingConfig(_Strict):
+    """How many Ray Train workers and what each needs."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave room for Ray Data reads")
+    gpus_per_worker: float = Field(1.0, ge=0)
+    max_failures: int = Field(2, ge=0, description="worker failures tolerated; resumes from last round")
+
+
+class OutputConfig(_Strict):
+    dir: str = Field("runs/quickstart", description="run directory (config, metrics, checkpoints)")
+
+
+class JobConfig(_Strict):
+    """A whole training job, as written in ``jobs/*.yaml``."""
+
+    name: str = "job"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    gmm: GMMConfig = Field(default_factory=GMMConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _gamma_per_stage(self) -> JobConfig:
+        if len(self.train.gamma) != self.model.stages:
+            raise ValueError(
+                f"train.gamma has {len(self.train.gamma)} weights but model.stages is {self.model.stages}: "
+                "give one alignment weight per stage"
+            )
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. train.rounds=3), got '{item}'")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_validation(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: the job configuration is not valid:"]
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{where}': check its spelling against `jimray config-schema`")
+        else:
+            lines.append(f"  - {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_job(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"job file '{p}' does not exist: pass a YAML file such as jobs/quickstart.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc}); fix the syntax at the line shown") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a job file must be a mapping of sections (data, model, ...)")
+    apply_overrides(raw, overrides or [])
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
