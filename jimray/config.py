@@ -38,12 +38,19 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Jim-Net sizes."""
+    """Jim-Net sizes (see :mod:`jimray.model.jimnet`)."""
 
-    channels: list[int] = Field(default_factory=lambda: [16, 32], description="feature channels per level")
+    channels: list[int] = Field(
+        default_factory=lambda: [8, 16, 32],
+        min_length=1,
+        description="feature channels per extractor level; levels are spectrally pooled from the box down to "
+        "feature_size (e.g. 32 -> 16 -> 8)",
+    )
+    feature_size: int = Field(8, ge=2, le=16, description="edge of the feature grid the correlation layers see")
     stages: int = Field(2, ge=2, description="coarse-to-fine alignment stages (m >= 2)")
     local_radius: int = Field(2, ge=1, description="radius r of the local correlation layer")
     dilations: list[int] = Field(default_factory=lambda: [1, 2, 4], description="stacked dilated convolutions")
+    regressor_channels: int = Field(32, ge=4, description="conv channels of each stage's regressor")
     feature_dim: int = Field(64, ge=4, description="per-stage feature size in F(s, t)")
     rotation_representation: Literal["6d", "quaternion"] = "6d"
     max_shift_fraction: float = Field(0.25, gt=0, le=0.5, description="translation bound, fraction of box")

@@ -1,0 +1,5 @@
+"""``python -m jimray`` is the ``jimray`` command."""
+
+from jimray.cli.app import main
+
+main()

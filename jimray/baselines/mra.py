@@ -1,0 +1,171 @@
+"""Multi-reference alignment (MRA) as Dynamo / STOPGAP / RELION users run it on subtomograms.
+
+``K`` references are initialised (wedge-aware class averages of a k-means on PCA of the raw particles, or of
+random disjoint subsets); then each iteration
+
+1. aligns every particle to every reference with the constrained-CC search of
+   :func:`jimray.baselines.search.align_to_reference` (references are wedge-compensated averages, so their
+   tilt range is 90 = no wedge);
+2. assigns each particle to the reference with the best score;
+3. re-averages each class in the reference frame, missing-wedge aware: each particle is brought back with the
+   inverse pose, its spectrum accumulated with its wedge rotated by the same inverse rotation, and the sum
+   divided by the weight sum (floored at ``weight_floor`` times the class size).
+
+Iterations stop early when no assignment changes. An empty class keeps its previous reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from jimray.baselines.pca_cluster import pca_kmeans
+from jimray.baselines.search import AlignmentResult, align_to_reference
+from jimray.conventions import invert_pose
+from jimray.fourier.masks import wedge_masks
+from jimray.geometry.rigid import rotate_fourier_masks, transform_volumes
+
+_DIMS = (-3, -2, -1)
+
+
+@dataclass
+class MRAResult:
+    """``labels (n,)`` int64 numpy; pose of each particle relative to its class reference
+    (``particle ~ transform_volumes(references[label], R, t)``): ``rotations (n, 3, 3)``, ``shifts (n, 3)``;
+    ``references (K, d, h, w)``; ``scores (n,)`` best constrained correlation; ``changed`` per iteration."""
+
+    labels: np.ndarray
+    rotations: torch.Tensor
+    shifts: torch.Tensor
+    references: torch.Tensor
+    scores: torch.Tensor
+    changed: list[int] = field(default_factory=list)
+
+
+def _wedge_weighted_average(
+    particles: torch.Tensor,
+    tilt_range_degrees: torch.Tensor,
+    rotations: torch.Tensor,
+    shifts: torch.Tensor,
+    weight_floor: float,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Missing-wedge-aware average ``(d, h, w)`` in the reference frame of particles ``(m, d, h, w)`` with
+    poses ``particle ~ transform(reference, R, t)``: ``F^-1(sum W_i F_i / max(sum W_i, floor * m))``."""
+    shape = tuple(particles.shape[-3:])
+    m = particles.shape[0]
+    num = torch.zeros(shape, dtype=torch.complex64 if particles.dtype == torch.float32 else torch.complex128,
+                      device=particles.device)
+    den = torch.zeros(shape, dtype=particles.dtype, device=particles.device)
+    for i in range(0, m, chunk_size):
+        sl = slice(i, min(i + chunk_size, m))
+        inv_r, inv_t = invert_pose(rotations[sl], shifts[sl])
+        back = transform_volumes(particles[sl], inv_r, inv_t)
+        weights = rotate_fourier_masks(wedge_masks(shape, tilt_range_degrees[sl], device=particles.device,
+                                                   dtype=particles.dtype), inv_r)
+        spectra = torch.fft.fftshift(torch.fft.fftn(back, dim=_DIMS), dim=_DIMS)
+        num += (weights * spectra).sum(dim=0)
+        den += weights.sum(dim=0)
+    avg = num / den.clamp_min(weight_floor * max(m, 1))
+    return torch.fft.ifftn(torch.fft.ifftshift(avg, dim=_DIMS), dim=_DIMS).real
+
+
+def _class_averages(particles, tilts, labels, rotations, shifts, n_classes, weight_floor, previous=None):
+    refs = []
+    for k in range(n_classes):
+        members = torch.as_tensor(np.flatnonzero(labels == k), device=particles.device)
+        if members.numel() == 0:
+            if previous is None:
+                raise ValueError(f"class {k} has no particle at initialisation; use fewer classes")
+            refs.append(previous[k])
+            continue
+        refs.append(_wedge_weighted_average(particles[members], tilts[members], rotations[members],
+                                            shifts[members], weight_floor))
+    return torch.stack(refs)
+
+
+def _initial_labels(particles, n_classes: int, init: str, seed: int, n_components: int) -> np.ndarray:
+    n = particles.shape[0]
+    if init == "pca_kmeans":
+        return pca_kmeans(particles, n_classes, n_components=n_components, seed=seed)
+    if init == "random":
+        rng = np.random.default_rng(seed)
+        return (rng.permutation(n) % n_classes).astype(np.int64)
+    raise ValueError(f"init must be 'pca_kmeans' or 'random', got {init!r}")
+
+
+def multi_reference_alignment(
+    particles,
+    tilt_range_degrees,
+    n_classes: int,
+    iterations: int = 5,
+    *,
+    angular_step_degrees: float = 30.0,
+    seed: int = 0,
+    init: str = "pca_kmeans",
+    initial_references=None,
+    n_components: int = 10,
+    weight_floor: float = 0.1,
+    progress: bool = False,
+    **search_options,
+) -> MRAResult:
+    """Classify and align ``particles`` ``(n, d, h, w)`` (tilt ranges: a number or ``(n,)`` degrees) into
+    ``n_classes`` classes with ``iterations`` rounds of MRA (see the module docstring).
+
+    ``init``: ``"pca_kmeans"`` (class averages of k-means on PCA of the raw voxels) or ``"random"`` (averages
+    of random disjoint subsets); ``initial_references`` ``(K, d, h, w)`` overrides it. ``search_options`` go
+    to :func:`jimray.baselines.search.align_to_reference` (``refine_steps``, ``max_shift_voxels``,
+    ``lowpass_cycles_per_voxel``, ``subvoxel``, ``chunk_size``).
+    """
+    particles = torch.as_tensor(particles)
+    if particles.ndim != 4:
+        raise ValueError(f"particles must be (n, d, h, w), got shape {tuple(particles.shape)}")
+    if not torch.is_floating_point(particles):
+        particles = particles.float()
+    n, shape = particles.shape[0], tuple(particles.shape[-3:])
+    if not 1 <= n_classes <= n or iterations < 1:
+        raise ValueError(f"need 1 <= n_classes <= n ({n}) and iterations >= 1, got {n_classes}, {iterations}")
+    tilts = torch.as_tensor(tilt_range_degrees, dtype=particles.dtype, device=particles.device).reshape(-1)
+    tilts = tilts.expand(n).contiguous() if tilts.numel() == 1 else tilts
+    if tilts.shape != (n,):
+        raise ValueError(f"tilt_range_degrees must be a number or have shape ({n},), got {tuple(tilts.shape)}")
+    eye = torch.eye(3, dtype=particles.dtype, device=particles.device).expand(n, 3, 3)
+    zero = torch.zeros(n, 3, dtype=particles.dtype, device=particles.device)
+    if initial_references is not None:
+        refs = torch.as_tensor(initial_references, dtype=particles.dtype, device=particles.device)
+        if refs.shape != (n_classes, *shape):
+            raise ValueError(f"initial_references must be ({n_classes}, {shape}), got {tuple(refs.shape)}")
+        labels = np.full(n, -1, dtype=np.int64)
+    else:
+        labels = _initial_labels(particles, n_classes, init, seed, n_components)
+        refs = _class_averages(particles, tilts, labels, eye, zero, n_classes, weight_floor)
+    changed: list[int] = []
+    for _ in range(iterations):
+        results = [
+            align_to_reference(particles, refs[k], tilts, 90.0, angular_step_degrees=angular_step_degrees,
+                               progress=progress, **search_options)
+            for k in range(n_classes)
+        ]
+        best = _best_class(results)
+        new_labels = best.cpu().numpy().astype(np.int64)
+        changed.append(int((new_labels != labels).sum()))
+        labels = new_labels
+        rot, shift, score = _gather(results, best)
+        refs = _class_averages(particles, tilts, labels, rot, shift, n_classes, weight_floor, previous=refs)
+        if changed[-1] == 0:
+            break
+    return MRAResult(labels=labels, rotations=rot, shifts=shift, references=refs, scores=score, changed=changed)
+
+
+def _best_class(results: list[AlignmentResult]) -> torch.Tensor:
+    return torch.stack([r.scores for r in results], dim=1).argmax(dim=1)
+
+
+def _gather(results: list[AlignmentResult], best: torch.Tensor):
+    idx = torch.arange(best.shape[0], device=best.device)
+    rot = torch.stack([r.rotations for r in results], dim=1)[idx, best]
+    shift = torch.stack([r.shifts for r in results], dim=1)[idx, best]
+    score = torch.stack([r.scores for r in results], dim=1)[idx, best]
+    return rot, shift, score

@@ -1,0 +1,42 @@
+"""``jimray train JOB.yaml``: run (or resume) the pair-matching rounds of a job, locally or on a cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jimray.config import load_job
+
+
+def train(
+    job: Annotated[Path, typer.Argument(help="job YAML, e.g. jobs/quickstart.yaml")],
+    data: Annotated[str | None, typer.Option(help="replace the job's data: STAR, shard folder or MRC folder")] = None,
+    out: Annotated[str | None, typer.Option(help="replace the job's run directory")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: train.rounds=3")] = None,
+) -> None:
+    """Train Jim-Net on a job's subtomograms (pair-matching rounds); resumes a run dir that has checkpoints."""
+    from jimray.train.driver import run_training
+
+    overrides = list(set_ or [])
+    overrides += [f"data.path={data}"] if data is not None else []
+    overrides += [f"output.dir={out}"] if out is not None else []
+    config = load_job(job, overrides)
+    summary = run_training(config, command=["jimray", *sys.argv[1:]])
+    typer.echo(f"run directory: {Path(config.output.dir).resolve()}")
+    typer.echo(json.dumps(summary, indent=2))
+
+
+def config_schema() -> None:
+    """Print the job configuration's JSON schema (every key, type and default)."""
+    from jimray.config import JobConfig
+
+    typer.echo(json.dumps(JobConfig.model_json_schema(), indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("config-schema")(config_schema)

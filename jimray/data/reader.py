@@ -1,0 +1,268 @@
+"""Reading subtomograms as a streaming Ray Dataset (orchestration layer).
+
+:func:`read_subtomograms` accepts a folder of Parquet shards (:mod:`jimray.io.shards`), one ``.parquet`` file,
+a RELION STAR file or a folder of ``.mrc`` / ``.mrcs`` files. Every output row has
+
+* ``id`` int64 (unique: the shard ids, the STAR row order 0..n-1, or the sorted file order),
+* ``volume`` float32 ``(d, h, w)``, ``tilt_range_degrees`` float32, ``voxel_size_angstrom`` float32,
+* the ground-truth columns of :data:`jimray.io.shards.TRUTH_COLUMNS` and ``image_name`` (string) when present.
+
+Nothing is materialised whole: Parquet is streamed by ``ray.data.read_parquet``; for STAR / MRC input a small
+table of ``(id, file spec)`` rows is built with ``ray.data.from_items`` and the volumes are decoded in a
+``map_batches`` step. Normalisation (zero mean, unit standard deviation per subtomogram) is another
+``map_batches`` step, :func:`normalize_batch`.
+
+Ray 2.60 trap: ``read_parquet`` is given one path (the folder), never a list of files; a list is resolved by
+several threads which race on fsspec's failing HTTP import when ``aiohttp`` is not installed (``ImportError:
+cannot import name 'HTTPFileSystem'``). Other callers of ``ray.data.read_parquet`` should do the same.
+
+Torch: ``iter_torch_batches(dtypes=...)`` needs a dtype for *every* column and cannot convert strings. Use
+``ds.select_columns(numeric_columns(ds))`` (or drop ``image_name``) and ``dtypes=torch_batch_dtypes(...)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jimray.io.shards import TRUTH_COLUMNS
+
+__all__ = [
+    "DEFAULT_TILT_RANGE_DEGREES",
+    "STRING_COLUMNS",
+    "read_subtomograms",
+    "normalize_batch",
+    "decode_batch",
+    "numeric_columns",
+    "torch_batch_dtypes",
+]
+
+DEFAULT_TILT_RANGE_DEGREES = 60.0
+STRING_COLUMNS = ("image_name", "source", "tilt_axis", "spec")
+BASE_COLUMNS = ("id", "volume", "tilt_range_degrees", "voxel_size_angstrom")
+INTEGER_COLUMNS = ("id", "true_class")
+
+
+def normalize_batch(batch: dict) -> dict:
+    """Zero mean, unit standard deviation per subtomogram of ``batch["volume"]`` ``(b, d, h, w)``.
+
+    A constant volume becomes all zeros (its standard deviation is floored at 1e-6). Other columns pass through.
+    """
+    volume = np.asarray(batch["volume"], dtype=np.float32)
+    if volume.ndim != 4:
+        raise ValueError(f"normalize_batch needs volume of shape (b, d, h, w), got {volume.shape}")
+    axes = (1, 2, 3)
+    mean = volume.mean(axis=axes, keepdims=True, dtype=np.float64)
+    std = volume.std(axis=axes, keepdims=True, dtype=np.float64)
+    out = dict(batch)
+    out["volume"] = ((volume - mean) / np.maximum(std, 1e-6)).astype(np.float32)
+    return out
+
+
+def decode_batch(batch: dict, *, box_size: int, voxel_size_angstrom: float, tilt_range_degrees: float) -> dict:
+    """Read the volumes named by ``batch["spec"]`` (file or ``n@stack``); every one must be ``box_size``^3."""
+    from jimray.io.mrc import read_volume
+
+    volumes = np.empty((len(batch["spec"]), box_size, box_size, box_size), dtype=np.float32)
+    for i, spec in enumerate(batch["spec"]):
+        volume, _ = read_volume(str(spec))
+        if volume.shape != (box_size,) * 3:
+            raise ValueError(
+                f"{spec}: box {volume.shape} differs from the expected {(box_size,) * 3}; "
+                "run `jimray ingest` to find and skip bad files, or pass the right box size"
+            )
+        volumes[i] = volume
+    n = len(volumes)
+    return {
+        "id": np.asarray(batch["id"], dtype=np.int64),
+        "volume": volumes,
+        "tilt_range_degrees": np.full(n, tilt_range_degrees, dtype=np.float32),
+        "voxel_size_angstrom": np.full(n, voxel_size_angstrom, dtype=np.float32),
+        "image_name": np.asarray(batch["image_name"], dtype=object),
+    }
+
+
+def _set_column(batch: dict, name: str, value: float) -> dict:
+    out = dict(batch)
+    out[name] = np.full(len(batch["id"]), value, dtype=np.float32)
+    return out
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.glob("*.parquet") if p.is_file())
+    if not files:
+        raise ValueError(f"{path}: no .parquet shards in this folder")
+    return files
+
+
+def _check_parquet_schema(files: list[Path], box_size: int | None) -> list[str]:
+    """Validate the volume shape of every shard from the Parquet metadata; returns the columns to read."""
+    shapes = {}
+    names: list[str] = []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (OSError, pa.ArrowException) as exc:
+            raise ValueError(f"{f}: unreadable Parquet shard ({exc})") from exc
+        missing = [c for c in BASE_COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"{f}: not a jimray shard (missing columns {missing}); convert data with `jimray ingest`")
+        vtype = schema.field("volume").type
+        shape = tuple(getattr(vtype, "shape", ()))
+        if len(shape) != 3:
+            raise ValueError(f"{f}: volume column is not a 3-D fixed-shape tensor (type {vtype})")
+        shapes[f] = shape
+        names = schema.names
+    distinct = set(shapes.values())
+    if len(distinct) > 1:
+        raise ValueError(f"shards hold different box sizes {sorted(distinct)}; keep one box size per dataset")
+    shape = distinct.pop()
+    if box_size is not None and shape != (box_size,) * 3:
+        raise ValueError(f"{files[0]}: volumes are {shape}, expected box size {box_size}; pass box_size={shape[0]}")
+    return [c for c in names if c in BASE_COLUMNS or c in TRUTH_COLUMNS or c == "image_name"]
+
+
+def _read_parquet(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks):
+    import ray
+
+    files = _parquet_files(path)
+    columns = _check_parquet_schema(files, box_size)
+    # One path (the folder or the file), never a list: Ray 2.60 resolves a list of paths in threads, and with
+    # fsspec installed but aiohttp missing those threads race on a failing import (ImportError on the driver).
+    ds = ray.data.read_parquet(str(path), columns=columns, override_num_blocks=override_num_blocks,
+                               file_extensions=["parquet"])
+    if tilt_range_degrees is not None:
+        ds = ds.map_batches(_set_column, fn_args=("tilt_range_degrees", float(tilt_range_degrees)),
+                            batch_format="numpy", udf_modifying_row_count=False)
+    if voxel_size_angstrom is not None:
+        ds = ds.map_batches(_set_column, fn_args=("voxel_size_angstrom", float(voxel_size_angstrom)),
+                            batch_format="numpy", udf_modifying_row_count=False)
+    return ds
+
+
+def _mrc_folder_specs(path: Path) -> tuple[list[str], list[str]]:
+    from jimray.io.mrc import read_header
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".mrc", ".mrcs") and p.is_file())
+    if not files:
+        raise ValueError(f"{path}: no .mrc/.mrcs files in this folder")
+    specs = []
+    for f in files:
+        shape, _ = read_header(f)
+        specs += [f"{k}@{f}" for k in range(1, shape[0] + 1)] if len(shape) == 4 else [str(f)]
+    return specs, list(specs)
+
+
+def _file_table(path: Path, voxel_size_angstrom):
+    """(specs, image names, voxel size or None) of a STAR file or an MRC folder."""
+    if path.is_dir():
+        specs, names = _mrc_folder_specs(path)
+        return specs, names, voxel_size_angstrom
+    from jimray.io.star import image_specs, read_particles
+
+    table = read_particles(path)
+    specs = image_specs(table.particles, path)
+    names = [str(x) for x in table.particles["rlnImageName"]]
+    return specs, names, voxel_size_angstrom if voxel_size_angstrom is not None else table.voxel_size_angstrom
+
+
+def _read_files(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks):
+    import ray
+
+    from jimray.io.mrc import read_header
+
+    specs, names, voxel = _file_table(path, voxel_size_angstrom)
+    if not specs:
+        raise ValueError(f"{path}: holds no particles")
+    shape, header_voxel = read_header(specs[0])
+    if len(set(shape)) != 1 or len(shape) != 3:
+        raise ValueError(f"{specs[0]}: volume shape {shape} is not a cubic box")
+    if box_size is not None and shape[0] != box_size:
+        raise ValueError(f"{specs[0]}: box size {shape[0]}, expected {box_size}; pass box_size={shape[0]}")
+    voxel = voxel if voxel is not None else header_voxel
+    if voxel is None:
+        raise ValueError(f"{path}: no voxel size in the STAR file or MRC header; pass voxel_size_angstrom")
+    items = [{"id": i, "spec": s, "image_name": n} for i, (s, n) in enumerate(zip(specs, names, strict=True))]
+    ds = ray.data.from_items(items, override_num_blocks=override_num_blocks)
+    tilt = DEFAULT_TILT_RANGE_DEGREES if tilt_range_degrees is None else float(tilt_range_degrees)
+    return ds.map_batches(
+        decode_batch, batch_size=32, batch_format="numpy", udf_modifying_row_count=False,
+        fn_kwargs={"box_size": shape[0], "voxel_size_angstrom": float(voxel), "tilt_range_degrees": tilt},
+    )
+
+
+def read_subtomograms(
+    path: str | Path,
+    *,
+    box_size: int | None = None,
+    voxel_size_angstrom: float | None = None,
+    tilt_range_degrees: float | None = None,
+    normalize: bool = True,
+    override_num_blocks: int | None = None,
+):
+    """Subtomograms as a streaming ``ray.data.Dataset`` (rows described in the module docstring).
+
+    ``path``: a folder of Parquet shards, one ``.parquet``, a RELION STAR file or a folder of MRC files.
+    ``box_size``: expected edge length (error if the data differ). ``voxel_size_angstrom`` /
+    ``tilt_range_degrees``: override the stored values (STAR / MRC input: the voxel size defaults to the STAR
+    optics block, else the MRC header; the tilt range to 60 degrees). ``normalize``: standardise each volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder; pass Parquet shards, a STAR file or a folder of MRC files")
+    if tilt_range_degrees is not None and not 0 <= float(tilt_range_degrees) <= 90:
+        raise ValueError(f"tilt_range_degrees must lie in [0, 90], got {tilt_range_degrees}")
+    if voxel_size_angstrom is not None and not float(voxel_size_angstrom) > 0:
+        raise ValueError(f"voxel_size_angstrom must be positive, got {voxel_size_angstrom}")
+    is_parquet = path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet")))
+    if is_parquet:
+        ds = _read_parquet(path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks)
+    elif path.suffix == ".star" or path.is_dir():
+        ds = _read_files(path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks)
+    else:
+        raise ValueError(f"{path}: unknown input; pass a folder of .parquet shards, a .parquet, a .star, an MRC folder")
+    if normalize:
+        ds = ds.map_batches(normalize_batch, batch_format="numpy", udf_modifying_row_count=False)
+    return ds
+
+
+def _column_names_and_types(schema_or_columns) -> list[tuple[str, object]]:
+    if hasattr(schema_or_columns, "names") and hasattr(schema_or_columns, "types"):
+        return list(zip(schema_or_columns.names, schema_or_columns.types, strict=True))
+    return [(str(name), None) for name in schema_or_columns]
+
+
+def _is_string(name: str, dtype) -> bool:
+    if dtype is None:
+        return name in STRING_COLUMNS
+    return isinstance(dtype, pa.DataType) and (pa.types.is_string(dtype) or pa.types.is_large_string(dtype))
+
+
+def numeric_columns(ds_or_schema) -> list[str]:
+    """Column names of a Dataset (or its schema / a list of names) that torch can batch: all but strings.
+
+    Use ``ds.select_columns(numeric_columns(ds))`` before ``iter_torch_batches``. (For a Dataset this may run
+    the first block to learn the schema.)
+    """
+    is_dataset = hasattr(ds_or_schema, "schema") and callable(ds_or_schema.schema)
+    schema = ds_or_schema.schema() if is_dataset else ds_or_schema
+    return [name for name, dtype in _column_names_and_types(schema) if not _is_string(name, dtype)]
+
+
+def torch_batch_dtypes(schema_or_columns) -> dict:
+    """The ``dtypes`` dict for ``iter_torch_batches``, naming every column: ``id`` and ``true_class`` -> int64,
+    everything else -> float32. Raises if a string column is present (drop it, see :func:`numeric_columns`)."""
+    import torch
+
+    dtypes = {}
+    for name, dtype in _column_names_and_types(schema_or_columns):
+        if _is_string(name, dtype):
+            raise ValueError(f"column '{name}' holds strings, which torch cannot batch; "
+                             "use ds.select_columns(numeric_columns(ds)) first")
+        dtypes[name] = torch.int64 if name in INTEGER_COLUMNS else torch.float32
+    return dtypes

@@ -1,0 +1,217 @@
+"""Checking a RELION particle set and converting it to Parquet shards (the library side of ``jimray ingest``).
+
+Checks per particle file: readable header, as many data bytes as the header promises, a cubic box equal to the
+set's majority box, a voxel size (``--voxel-size``, else the STAR optics block, else the MRC headers, whose
+majority value then defines the set) and finite values. Ids are the STAR row order ``0..n-1``; bad rows are
+left out (their ids are not reused).
+
+Conversion reads every volume once: shards are written into a staging folder ``<out>/.staging-<pid>`` and moved
+into ``out`` only at the end, so a failed or refused run leaves no shard behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from jimray.io.mrc import parse_spec, read_header, read_volume, validate_volume_file
+from jimray.io.shards import write_shard
+from jimray.io.star import image_specs, read_particles
+
+__all__ = ["IngestReport", "check_particles", "ingest_star", "write_skipped_csv"]
+
+Progress = Callable[[int, int], None]  # (advance, total): total = 2 per particle (header pass, value pass)
+
+
+@dataclass
+class IngestReport:
+    """What a check or an ingest found and did. ``bad``: ``(file spec, reason)`` per bad particle."""
+
+    star_path: Path
+    n_particles: int
+    box_size: int | None
+    voxel_size_angstrom: float | None
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    n_converted: int = 0
+    shards: list[Path] = field(default_factory=list)
+    bytes_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def _header_pass(specs: list[str], voxel_given: float | None, progress: Progress | None):
+    """Cheap checks from headers: returns (bad {index: reason}, box size, voxel size)."""
+    bad: dict[int, str] = {}
+    info: dict[int, tuple[tuple[int, ...], float | None]] = {}
+    cache: dict[str, str | None] = {}
+    for i, spec in enumerate(specs):
+        file_path = str(parse_spec(spec)[0])
+        if file_path not in cache:  # header and size (truncation) check, once per file (stacks!)
+            cache[file_path] = validate_volume_file(file_path, check_values=False)
+        reason = cache[file_path]
+        if reason is None:
+            try:
+                info[i] = read_header(spec)
+            except ValueError as exc:
+                reason = getattr(exc, "reason", str(exc))
+        if reason is not None:
+            bad[i] = reason
+        if progress:
+            progress(1, 2 * len(specs))
+    boxes = Counter(shape for shape, _ in info.values())
+    box = boxes.most_common(1)[0][0] if boxes else None
+    voxel = voxel_given
+    if voxel is None:
+        sizes = Counter(v for _, v in info.values() if v is not None)
+        voxel = sizes.most_common(1)[0][0] if sizes else None
+    for i, (shape, header_voxel) in info.items():
+        if len(shape) != 3 or len(set(shape)) != 1:
+            bad[i] = f"volume shape {shape} is not a cubic 3-D box"
+        elif shape != box:
+            bad[i] = f"box {shape[0]} differs from the set's majority box {box[0]}"
+        elif voxel_given is None and voxel is None:
+            bad[i] = "no voxel size in the STAR file or MRC header; pass --voxel-size"
+        elif voxel_given is None and header_voxel is not None and not np.isclose(header_voxel, voxel, rtol=1e-3):
+            bad[i] = f"voxel size {header_voxel:g} A differs from the set's {voxel:g} A; pass --voxel-size"
+    box_size = box[0] if box is not None and len(box) == 3 else None
+    return bad, box_size, voxel
+
+
+def _prepare(star_path, voxel_size_angstrom, progress):
+    table = read_particles(star_path)
+    specs = image_specs(table.particles, star_path)
+    voxel_given = voxel_size_angstrom if voxel_size_angstrom is not None else table.voxel_size_angstrom
+    if voxel_given is not None and not (np.isfinite(voxel_given) and voxel_given > 0):
+        raise ValueError(f"voxel size must be a positive number of Angstrom, got {voxel_given}")
+    bad, box_size, voxel = _header_pass(specs, voxel_given, progress)
+    return table, specs, bad, box_size, voxel
+
+
+def _load(spec: str) -> tuple[np.ndarray | None, str | None]:
+    try:
+        volume, _ = read_volume(spec)
+    except ValueError as exc:
+        return None, getattr(exc, "reason", str(exc))
+    if not np.isfinite(volume).all():
+        return None, f"{int((~np.isfinite(volume)).sum())} non-finite values (NaN/Inf) in the volume"
+    return volume, None
+
+
+def check_particles(
+    star_path: str | Path, *, voxel_size_angstrom: float | None = None, progress: Progress | None = None
+) -> IngestReport:
+    """Check every file the STAR file references (headers, sizes, box, voxel size, finite values); writes nothing.
+
+    ``progress(advance, total)`` reports particles handled (total: 2 per particle, header and value pass).
+    """
+    star_path = Path(star_path)
+    table, specs, bad, box_size, voxel = _prepare(star_path, voxel_size_angstrom, progress)
+    report = IngestReport(star_path, len(specs), box_size, voxel)
+    for i, spec in enumerate(specs):
+        if i not in bad:
+            volume, reason = _load(spec)
+            if reason is not None:
+                bad[i] = reason
+            else:
+                report.bytes_read += volume.nbytes
+        if progress:
+            progress(1, 2 * len(specs))
+    report.bad = [(specs[i], bad[i]) for i in sorted(bad)]
+    return report
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and any(out_dir.glob("*.parquet")):
+        raise FileExistsError(f"{out_dir}: already holds Parquet shards; pass an empty or new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def ingest_star(
+    star_path: str | Path,
+    out_dir: str | Path,
+    *,
+    skip_bad: bool = False,
+    voxel_size_angstrom: float | None = None,
+    tilt_range_degrees: float = 60.0,
+    rows_per_shard: int = 256,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Check and convert a STAR particle set into Parquet shards ``out_dir/shard-00000.parquet`` ...
+
+    If any particle is bad and ``skip_bad`` is false, nothing is written (``report.ok`` is false and
+    ``report.bad`` lists every bad file). With ``skip_bad`` the good particles are converted and
+    ``out_dir/skipped.csv`` lists the bad ones. ``progress(advance, total)`` as in :func:`check_particles`.
+    """
+    star_path, out_dir = Path(star_path), Path(out_dir)
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if not 0 <= tilt_range_degrees <= 90:
+        raise ValueError(f"tilt range must lie in [0, 90] degrees, got {tilt_range_degrees}")
+    table, specs, bad, box_size, voxel = _prepare(star_path, voxel_size_angstrom, progress)
+    report = IngestReport(star_path, len(specs), box_size, voxel)
+    names = [str(x) for x in table.particles["rlnImageName"]]
+    staging = _prepare_out_dir(out_dir)
+    try:
+        buffer: list[tuple[int, np.ndarray]] = []
+        staged: list[Path] = []
+
+        def flush():
+            if not buffer or (bad and not skip_bad):
+                buffer.clear()
+                return
+            ids = np.array([i for i, _ in buffer], dtype=np.int64)
+            staged.append(write_shard(
+                staging / f"shard-{len(staged):05d}.parquet", ids, np.stack([v for _, v in buffer]), voxel,
+                tilt_range_degrees, [specs[i] for i in ids], image_names=[names[i] for i in ids]))
+            buffer.clear()
+
+        for i, spec in enumerate(specs):
+            if i not in bad:
+                volume, reason = _load(spec)
+                if reason is not None:
+                    bad[i] = reason
+                else:
+                    buffer.append((i, volume))
+                    report.bytes_read += volume.nbytes
+                    if len(buffer) >= rows_per_shard:
+                        flush()
+            if progress:
+                progress(1, 2 * len(specs))
+        flush()
+        report.bad = [(specs[i], bad[i]) for i in sorted(bad)]
+        if bad and not skip_bad:
+            return report
+        for path in staged:
+            os.replace(path, out_dir / path.name)
+            report.shards.append(out_dir / path.name)
+        report.n_converted = len(specs) - len(bad)
+        if skip_bad:
+            write_skipped_csv(out_dir / "skipped.csv", report.bad)
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_skipped_csv(path: str | Path, bad: list[tuple[str, str]]) -> Path:
+    """Write ``file,reason`` rows (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "reason"])
+        writer.writerows(bad)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,252 @@
+"""The Parquet shard format of jimray: one row per subtomogram.
+
+Columns
+-------
+* ``id`` int64, unique across a dataset (the row order of the source STAR file, or the simulation index).
+* ``volume``: float32 ``(d, h, w)`` = ``(z, y, x)`` stored as Arrow's *canonical* fixed-shape tensor extension
+  type ``pa.fixed_shape_tensor(pa.float32(), (d, h, w))``.
+* ``voxel_size_angstrom`` float32, ``source`` string (file, ``"n@file"`` or ``"simulated"``),
+  ``tilt_range_degrees`` float32 (see :mod:`jimray.conventions`), ``tilt_axis`` string (``"y"``).
+* optional ground truth: ``true_class`` int32, ``true_rot/true_tilt/true_psi`` float32 (RELION ZYZ degrees),
+  ``true_shift_x/y/z`` float32 (voxels, the internal shift ``t`` of :mod:`jimray.conventions`).
+* optional ``image_name`` string: the ``rlnImageName`` to carry into output STAR files.
+
+Ray Data
+--------
+Checked on Ray 2.60 / pyarrow 26: ``ray.data.read_parquet(...)`` reads the canonical ``fixed_shape_tensor``
+column natively; ``iter_batches(batch_format="numpy")`` yields ``volume`` as a float32 ndarray ``(b, d, h, w)``
+and ``map_batches`` outputs come back as Ray's ``ArrowTensorTypeV2``. No conversion step is needed
+(``tests/test_io_shards.py`` checks this). Plain pyarrow/pandas readers see the extension type too;
+:func:`read_shard` turns it into numpy.
+
+Writes are atomic: a shard is written to ``<name>.tmp-<pid>`` and renamed, so a killed job never leaves a
+half-written shard under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "TRUTH_COLUMNS",
+    "shard_table",
+    "write_shard",
+    "write_shards",
+    "read_shard",
+    "list_shards",
+    "volume_column",
+]
+
+TRUTH_COLUMNS = ("true_class", "true_rot", "true_tilt", "true_psi", "true_shift_x", "true_shift_y", "true_shift_z")
+TILT_AXIS = "y"
+
+
+def _per_row(value, n: int, name: str, dtype) -> np.ndarray:
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        arr = np.full(n, arr, dtype=dtype)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or have shape ({n},), got {arr.shape}")
+    return arr
+
+
+def _strings(values, n: int, name: str) -> list[str]:
+    if isinstance(values, str):
+        return [values] * n
+    out = [str(v) for v in values]
+    if len(out) != n:
+        raise ValueError(f"{name} must hold {n} strings (one per volume), got {len(out)}")
+    return out
+
+
+def _truth_columns(truth: dict, n: int) -> dict[str, pa.Array]:
+    unknown = set(truth) - {"class", "euler_degrees", "shift_voxels"}
+    if unknown:
+        raise ValueError(f"unknown truth keys {sorted(unknown)}; use 'class', 'euler_degrees', 'shift_voxels'")
+    cols: dict[str, pa.Array] = {}
+    if "class" in truth:
+        cls = np.asarray(truth["class"])
+        if cls.shape != (n,):
+            raise ValueError(f"truth['class'] must have shape ({n},), got {cls.shape}")
+        cols["true_class"] = pa.array(cls.astype(np.int32), pa.int32())
+    for key, names in (("euler_degrees", ("true_rot", "true_tilt", "true_psi")),
+                       ("shift_voxels", ("true_shift_x", "true_shift_y", "true_shift_z"))):
+        if key in truth:
+            arr = np.asarray(truth[key], dtype=np.float64)
+            if arr.shape != (n, 3):
+                raise ValueError(f"truth['{key}'] must have shape ({n}, 3), got {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"truth['{key}'] holds non-finite values")
+            for i, name in enumerate(names):
+                cols[name] = pa.array(arr[:, i].astype(np.float32), pa.float32())
+    return cols
+
+
+def shard_table(
+    ids: np.ndarray,
+    volumes: np.ndarray,
+    voxel_size_angstrom,
+    tilt_range_degrees,
+    sources,
+    *,
+    truth: dict | None = None,
+    image_names: Sequence[str] | None = None,
+) -> pa.Table:
+    """Build (and validate) the Arrow table of one shard; see the module docstring for the columns.
+
+    ``volumes`` ``(n, d, h, w)`` must be finite; ``voxel_size_angstrom`` / ``tilt_range_degrees`` are scalars
+    or ``(n,)``; ``sources`` a string or ``n`` strings; ``truth`` keys ``class`` (n,), ``euler_degrees`` (n, 3),
+    ``shift_voxels`` (n, 3).
+    """
+    vols = np.ascontiguousarray(volumes, dtype=np.float32)
+    if vols.ndim != 4 or min(vols.shape[1:], default=0) < 1:
+        raise ValueError(f"volumes must have shape (n, d, h, w), got {vols.shape}")
+    n = vols.shape[0]
+    if n == 0:
+        raise ValueError("a shard needs at least one volume")
+    if not np.isfinite(vols).all():
+        bad = np.flatnonzero(~np.isfinite(vols).reshape(n, -1).all(axis=1))
+        raise ValueError(f"volumes hold non-finite values (rows {bad[:10].tolist()}); check or drop them")
+    id_arr = np.asarray(ids)
+    if id_arr.shape != (n,) or not np.issubdtype(id_arr.dtype, np.integer):
+        raise ValueError(f"ids must be {n} integers, got shape {id_arr.shape} dtype {id_arr.dtype}")
+    if len(np.unique(id_arr)) != n:
+        raise ValueError("ids must be unique")
+    voxel = _per_row(voxel_size_angstrom, n, "voxel_size_angstrom", np.float32)
+    tilt = _per_row(tilt_range_degrees, n, "tilt_range_degrees", np.float32)
+    if not (np.isfinite(voxel).all() and (voxel > 0).all()):
+        raise ValueError("voxel_size_angstrom must be positive and finite")
+    if not (np.isfinite(tilt).all() and ((tilt >= 0) & (tilt <= 90)).all()):
+        raise ValueError("tilt_range_degrees must lie in [0, 90] (90 = no missing wedge)")
+    columns = {
+        "id": pa.array(id_arr.astype(np.int64), pa.int64()),
+        "volume": pa.FixedShapeTensorArray.from_numpy_ndarray(vols),
+        "voxel_size_angstrom": pa.array(voxel, pa.float32()),
+        "source": pa.array(_strings(sources, n, "sources"), pa.string()),
+        "tilt_range_degrees": pa.array(tilt, pa.float32()),
+        "tilt_axis": pa.array([TILT_AXIS] * n, pa.string()),
+    }
+    if truth:
+        columns.update(_truth_columns(truth, n))
+    if image_names is not None:
+        columns["image_name"] = pa.array(_strings(image_names, n, "image_names"), pa.string())
+    return pa.table(columns)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_shard(
+    path: str | Path,
+    ids: np.ndarray,
+    volumes: np.ndarray,
+    voxel_size_angstrom,
+    tilt_range_degrees,
+    sources,
+    *,
+    truth: dict | None = None,
+    image_names: Sequence[str] | None = None,
+) -> Path:
+    """Write one Parquet shard atomically (temp file ``<path>.tmp-<pid>``, then ``os.replace``); returns ``path``.
+    Arguments as :func:`shard_table`."""
+    path = Path(path)
+    table = shard_table(ids, volumes, voxel_size_angstrom, tilt_range_degrees, sources,
+                        truth=truth, image_names=image_names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(table, path)
+    return path
+
+
+def _take(value, rows: slice):
+    if value is None or isinstance(value, str) or np.ndim(value) == 0:
+        return value
+    if isinstance(value, np.ndarray):
+        return value[rows]
+    return list(value)[rows]
+
+
+def write_shards(
+    out_dir: str | Path,
+    ids: np.ndarray,
+    volumes: np.ndarray,
+    voxel_size_angstrom,
+    tilt_range_degrees,
+    sources,
+    *,
+    truth: dict | None = None,
+    image_names: Sequence[str] | None = None,
+    rows_per_shard: int = 256,
+    prefix: str = "shard",
+    start_index: int = 0,
+) -> list[Path]:
+    """Split the rows into shards ``<prefix>-00000.parquet``, ... of ``rows_per_shard`` rows under ``out_dir``.
+
+    ``start_index`` numbers the first shard (for writing a large set chunk by chunk). Returns the paths.
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(volumes)
+    paths = []
+    for k, start in enumerate(range(0, n, rows_per_shard)):
+        rows = slice(start, min(start + rows_per_shard, n))
+        part_truth = {key: np.asarray(v)[rows] for key, v in truth.items()} if truth else None
+        paths.append(write_shard(
+            out / f"{prefix}-{start_index + k:05d}.parquet", np.asarray(ids)[rows], volumes[rows],
+            _take(voxel_size_angstrom, rows), _take(tilt_range_degrees, rows), _take(sources, rows),
+            truth=part_truth, image_names=_take(image_names, rows),
+        ))
+    return paths
+
+
+def volume_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A ``volume`` column (canonical fixed-shape tensor, or Ray's tensor type) -> float32 ``(n, d, h, w)``."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        if isinstance(chunk, pa.FixedShapeTensorArray):
+            parts.append(chunk.to_numpy_ndarray())
+        elif hasattr(chunk, "to_numpy"):
+            parts.append(np.asarray(chunk.to_numpy(zero_copy_only=False)))
+    if not parts:
+        raise ValueError("empty volume column")
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Read a shard into numpy: ``volume`` float32 ``(n, d, h, w)``, other columns ``(n,)`` (strings as object)."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{path}: unreadable Parquet shard ({exc})") from exc
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "volume":
+            out[name] = volume_column(column)
+        else:
+            out[name] = column.to_numpy()
+    return out
+
+
+def list_shards(directory: str | Path) -> list[Path]:
+    """The ``*.parquet`` files of a folder, sorted by name (temp files of interrupted writes are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a folder of Parquet shards")
+    return sorted(p for p in directory.glob("*.parquet") if p.is_file())

@@ -1,0 +1,55 @@
+"""Correlation layers of Jim-Net (eqs. 4 and 5 of the paper), on ``(b, c, d, h, w)`` feature maps.
+
+Features are L2-normalised per position first, so each entry is a cosine similarity in [-1, 1].
+The target's positions stay the spatial grid; what they are compared with becomes the channel axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_pair(target_features: torch.Tensor, source_features: torch.Tensor) -> None:
+    if target_features.ndim != 5 or target_features.shape != source_features.shape:
+        raise ValueError(
+            "correlation needs two (b, c, d, h, w) feature maps of one shape, got "
+            f"{tuple(target_features.shape)} and {tuple(source_features.shape)}"
+        )
+
+
+def global_correlation(target_features: torch.Tensor, source_features: torch.Tensor) -> torch.Tensor:
+    """Every target position against every source position (eq. 4): ``(b, d*h*w, d, h, w)``.
+
+    ``out[b, j, z, y, x] = <f_t(z, y, x), f_s(j)>`` with ``j`` the flattened ``(z, y, x)`` source index;
+    then ReLU and L2 normalisation over ``j`` (Rocco et al.), which damps ambiguous matches.
+    """
+    _check_pair(target_features, source_features)
+    b, c, d, h, w = target_features.shape
+    ft = F.normalize(target_features.reshape(b, c, -1), dim=1)
+    fs = F.normalize(source_features.reshape(b, c, -1), dim=1)
+    corr = torch.einsum("bcj,bcn->bjn", fs, ft)
+    corr = F.normalize(F.relu(corr), dim=1)
+    return corr.reshape(b, d * h * w, d, h, w)
+
+
+def local_correlation(target_features: torch.Tensor, source_features: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each target position against the source positions within ``radius`` on every axis (eq. 5).
+
+    Output ``(b, (2r+1)^3, d, h, w)``; channel ``k`` is the displacement ``(dz, dy, dx)`` in C order over
+    ``[-r, r]^3``: ``out[b, k, p] = <f_t(p), f_s(p + delta_k)>``, 0 outside the grid.
+    """
+    _check_pair(target_features, source_features)
+    if radius < 0:
+        raise ValueError(f"local correlation radius must be >= 0, got {radius}")
+    d, h, w = target_features.shape[-3:]
+    ft = F.normalize(target_features, dim=1)
+    fs = F.pad(F.normalize(source_features, dim=1), (radius,) * 6)
+    span = range(2 * radius + 1)
+    out = [
+        (ft * fs[:, :, dz : dz + d, dy : dy + h, dx : dx + w]).sum(dim=1)
+        for dz in span
+        for dy in span
+        for dx in span
+    ]
+    return torch.stack(out, dim=1)

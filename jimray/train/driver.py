@@ -1,0 +1,120 @@
+"""The driver of ``jimray train``: Ray set-up, data, sampler actor, TorchTrainer, run-directory records.
+
+The run directory (``output.dir``) holds ``config.yaml``, ``run.json``, ``metrics.csv``, ``summary.json``,
+``metrics.png``, ``checkpoints/`` (Ray Train storage: one checkpoint per round) and ``model/`` (the last
+round's checkpoint, which ``jimray predict`` loads). Running the same job again with the same run
+directory resumes from the last checkpoint rather than starting again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from jimray.config import JobConfig
+from jimray.data.reader import read_subtomograms
+from jimray.train.loop import FAULT_ENV, train_loop_per_worker
+from jimray.train.records import write_metrics, write_run_info
+from jimray.train.sampler import PairSamplerActor
+from jimray.train.state import load_round_state
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+TRAIN_COLUMNS = ["id", "volume", "tilt_range_degrees"]
+
+
+def init_ray() -> None:
+    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # an existing cluster: never pass resource arguments
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+
+
+def prepare_data(config: JobConfig, run_dir: Path) -> Path:
+    """The job's data path; with none, simulate the embedded six-structure set once into ``run_dir/data``."""
+    if config.data.path is not None:
+        return Path(config.data.path)
+    from jimray.io.simulated import simulate_dataset, write_simulated_dataset
+
+    out = run_dir / "data"
+    shards = out / "shards"
+    if shards.is_dir() and any(shards.glob("*.parquet")):
+        return shards
+    d = config.data
+    voxel = d.voxel_size_angstrom or 10.0
+    sim, names = simulate_dataset(None, d.simulate_per_class, d.simulate_snr, d.box_size, voxel,
+                                  d.tilt_range_degrees, d.simulate_seed)
+    write_simulated_dataset(out, sim, voxel, d.tilt_range_degrees, names,
+                            metadata={"snr": d.simulate_snr, "seed": d.simulate_seed})
+    return shards
+
+
+def build_dataset(config: JobConfig, data_path: Path):
+    """Ray Data stream of (id, volume, tilt_range_degrees[, true_class]) for the trainer."""
+    d = config.data
+    ds = read_subtomograms(data_path, box_size=d.box_size, voxel_size_angstrom=d.voxel_size_angstrom,
+                           normalize=d.normalize)
+    columns = ds.schema().names
+    keep = TRAIN_COLUMNS + (["true_class"] if "true_class" in columns else [])
+    return ds.select_columns(keep)
+
+
+def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> TorchTrainer:
+    s = config.scaling
+    resources = {"CPU": s.cpus_per_worker} | ({"GPU": s.gpus_per_worker} if s.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": config.model_dump(mode="json"), "sampler": sampler_name,
+                           "fault": os.environ.get(FAULT_ENV)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        datasets={"train": ds},
+    )
+
+
+def run_training(config: JobConfig, command: list[str] | None = None) -> dict:
+    """Run (or resume) a training job; returns the summary written to ``summary.json``."""
+    run_dir = Path(config.output.dir).resolve()
+    write_run_info(run_dir, config, command)
+    init_ray()
+    ds = build_dataset(config, prepare_data(config, run_dir))
+    sampler_name = f"jimray-sampler-{uuid.uuid4().hex[:8]}"
+    sampler = PairSamplerActor.options(name=sampler_name, num_cpus=0).remote(
+        config.train.reservoir_per_cluster, config.train.seed
+    )
+    try:
+        result = build_trainer(config, ds, run_dir, sampler_name).fit()
+    finally:
+        ray.kill(sampler)
+    return finish_run(run_dir, result.checkpoint)
+
+
+def finish_run(run_dir: Path, checkpoint) -> dict:
+    """Write metrics/summary/plot from the last checkpoint and export it as ``run_dir/model``."""
+    import json
+
+    if checkpoint is None:
+        raise RuntimeError(f"training in {run_dir} reported no checkpoint; see the log above")
+    with checkpoint.as_directory() as directory:
+        state = load_round_state(directory)
+        target = run_dir / MODEL_DIR
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(directory, target)
+    write_metrics(run_dir, state.history)
+    return json.loads((run_dir / "summary.json").read_text())
