@@ -14,6 +14,7 @@ from test_average import blob_map, correlation
 from typer.testing import CliRunner
 
 from jimray.cli.app import app
+from jimray.cli.errors import UserError
 from jimray.fourier.masks import wedge_masks
 from jimray.geometry import transform_volumes
 from jimray.io.mrc import read_volume
@@ -92,8 +93,8 @@ def test_average_with_refinement_and_report_images(dataset):
 def test_average_bad_input_is_one_line_error(tmp_path):
     bad = tmp_path / "missing.star"
     result = CliRunner().invoke(app, ["average", "--particles", str(bad), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0
+    assert isinstance(result.exception, UserError) and "file not found" in str(result.exception)
     star = tmp_path / "broken.star"
     star.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnClassNumber #2\nnothere.mrc 1\n")
     result = CliRunner().invoke(app, ["average", "--particles", str(star), "--out", str(tmp_path / "o")])
-    assert result.exit_code != 0 and "nothere.mrc" in str(result.exception or result.output)
+    assert isinstance(result.exception, UserError) and "nothere.mrc" in str(result.exception)

@@ -71,7 +71,7 @@ def test_shell_frequencies_and_resolution():
     freq = shell_frequencies_per_angstrom(32, 2.0)
     assert freq.shape == (17,)
     assert math.isclose(float(freq[16]), 1 / 4.0)  # Nyquist 1 / (2 * voxel size)
-    curve = torch.tensor([1.0] + [1.0 - 0.1 * k for k in range(1, 17)], dtype=torch.float64)  # crosses 0.143 between k=8 and k=9
+    curve = torch.tensor([1.0] + [1.0 - 0.1 * k for k in range(1, 17)], dtype=torch.float64)  # crosses 0.143 at k=8..9
     res = resolution_at(curve, 0.143, voxel_size_angstrom=2.0, box_voxels=32)
     k_cross = 8 + (curve[8] - 0.143) / (curve[8] - curve[9])
     assert math.isclose(res, 32 * 2.0 / float(k_cross), rel_tol=1e-9)

@@ -178,3 +178,14 @@ def test_distributed_em_equals_single_process(tmp_path):
         torch.testing.assert_close(a["covariances"], ref.covariances_, rtol=1e-5, atol=1e-8)
         assert a["n_iter"] == ref.n_iter_ and a["score"] == pytest.approx(ref.score(x), rel=1e-8)
         assert a["bic"] == pytest.approx(ref.bic(x), rel=1e-8) and a["bic"] == b["bic"]
+
+
+@pytest.mark.gpu
+def test_cuda_fit_matches_cpu_and_stays_on_device():
+    x, _ = _blobs()
+    xc = torch.as_tensor(x, device="cuda")
+    gpu = GaussianMixture(3, random_state=0, tol=1e-8, max_iter=200).fit(xc)
+    cpu = GaussianMixture(3, random_state=0, tol=1e-8, max_iter=200).fit(x)
+    assert gpu.means_.is_cuda and gpu.predict(xc).is_cuda and gpu.init_backend_ in ("cuml", "torch")
+    assert gpu.score(xc) == pytest.approx(cpu.score(x), rel=1e-6)
+    assert clustering_accuracy(gpu.predict(x), cpu.predict(x)) > 0.99

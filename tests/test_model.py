@@ -64,6 +64,24 @@ def test_local_correlation_finds_a_shift(rng):
     assert out[0, 14].mean() > out[0].mean(dim=(-3, -2, -1)).sort().values[-2] + 0.5
 
 
+def test_local_correlation_matches_naive_loop(rng):
+    ft = torch.as_tensor(rng.standard_normal((2, 3, 4, 5, 3)))
+    fs = torch.as_tensor(rng.standard_normal((2, 3, 4, 5, 3)))
+    out = local_correlation(ft, fs, radius=2)
+    assert out.shape == (2, 125, 4, 5, 3)
+    k = 0
+    for dz in range(-2, 3):
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                for z, y, x in np.ndindex(4, 5, 3):
+                    zz, yy, xx = z + dz, y + dy, x + dx
+                    inside = 0 <= zz < 4 and 0 <= yy < 5 and 0 <= xx < 3
+                    a, c = ft[:, :, z, y, x], fs[:, :, zz, yy, xx] if inside else None
+                    ref = torch.nn.functional.cosine_similarity(a, c, dim=1) if inside else torch.zeros(2)
+                    assert torch.allclose(out[:, k, z, y, x], ref.double(), atol=1e-10)
+                k += 1
+
+
 def test_level_sizes():
     assert level_sizes(32, 8, 3) == [32, 16, 8]
     assert level_sizes(64, 8, 2) == [64, 8]

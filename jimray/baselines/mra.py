@@ -7,9 +7,10 @@ random disjoint subsets); then each iteration
    :func:`jimray.baselines.search.align_to_reference` (references are wedge-compensated averages, so their
    tilt range is 90 = no wedge);
 2. assigns each particle to the reference with the best score;
-3. re-averages each class in the reference frame, missing-wedge aware: each particle is brought back with the
-   inverse pose, its spectrum accumulated with its wedge rotated by the same inverse rotation, and the sum
-   divided by the weight sum (floored at ``weight_floor`` times the class size).
+3. re-averages each class in the reference frame, missing-wedge aware
+   (:func:`jimray.average.wedge_average.wedge_weighted_average`: each particle brought back with the inverse
+   pose, its spectrum accumulated with its wedge rotated by the same inverse rotation, the sum divided by the
+   weight sum floored at ``wiener_floor``).
 
 Iterations stop early when no assignment changes. An empty class keeps its previous reference.
 """
@@ -21,13 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from jimray.average.wedge_average import wedge_weighted_average
 from jimray.baselines.pca_cluster import pca_kmeans
 from jimray.baselines.search import AlignmentResult, align_to_reference
-from jimray.conventions import invert_pose
-from jimray.fourier.masks import wedge_masks
-from jimray.geometry.rigid import rotate_fourier_masks, transform_volumes
-
-_DIMS = (-3, -2, -1)
 
 
 @dataclass
@@ -44,35 +41,7 @@ class MRAResult:
     changed: list[int] = field(default_factory=list)
 
 
-def _wedge_weighted_average(
-    particles: torch.Tensor,
-    tilt_range_degrees: torch.Tensor,
-    rotations: torch.Tensor,
-    shifts: torch.Tensor,
-    weight_floor: float,
-    chunk_size: int = 64,
-) -> torch.Tensor:
-    """Missing-wedge-aware average ``(d, h, w)`` in the reference frame of particles ``(m, d, h, w)`` with
-    poses ``particle ~ transform(reference, R, t)``: ``F^-1(sum W_i F_i / max(sum W_i, floor * m))``."""
-    shape = tuple(particles.shape[-3:])
-    m = particles.shape[0]
-    num = torch.zeros(shape, dtype=torch.complex64 if particles.dtype == torch.float32 else torch.complex128,
-                      device=particles.device)
-    den = torch.zeros(shape, dtype=particles.dtype, device=particles.device)
-    for i in range(0, m, chunk_size):
-        sl = slice(i, min(i + chunk_size, m))
-        inv_r, inv_t = invert_pose(rotations[sl], shifts[sl])
-        back = transform_volumes(particles[sl], inv_r, inv_t)
-        weights = rotate_fourier_masks(wedge_masks(shape, tilt_range_degrees[sl], device=particles.device,
-                                                   dtype=particles.dtype), inv_r)
-        spectra = torch.fft.fftshift(torch.fft.fftn(back, dim=_DIMS), dim=_DIMS)
-        num += (weights * spectra).sum(dim=0)
-        den += weights.sum(dim=0)
-    avg = num / den.clamp_min(weight_floor * max(m, 1))
-    return torch.fft.ifftn(torch.fft.ifftshift(avg, dim=_DIMS), dim=_DIMS).real
-
-
-def _class_averages(particles, tilts, labels, rotations, shifts, n_classes, weight_floor, previous=None):
+def _class_averages(particles, tilts, labels, rotations, shifts, n_classes, wiener_floor, previous=None):
     refs = []
     for k in range(n_classes):
         members = torch.as_tensor(np.flatnonzero(labels == k), device=particles.device)
@@ -81,8 +50,9 @@ def _class_averages(particles, tilts, labels, rotations, shifts, n_classes, weig
                 raise ValueError(f"class {k} has no particle at initialisation; use fewer classes")
             refs.append(previous[k])
             continue
-        refs.append(_wedge_weighted_average(particles[members], tilts[members], rotations[members],
-                                            shifts[members], weight_floor))
+        average, _ = wedge_weighted_average(particles[members], rotations[members], shifts[members],
+                                            tilts[members], wiener_floor=wiener_floor)
+        refs.append(average)
     return torch.stack(refs)
 
 
@@ -107,7 +77,7 @@ def multi_reference_alignment(
     init: str = "pca_kmeans",
     initial_references=None,
     n_components: int = 10,
-    weight_floor: float = 0.1,
+    wiener_floor: float = 1.0,
     progress: bool = False,
     **search_options,
 ) -> MRAResult:
@@ -140,7 +110,7 @@ def multi_reference_alignment(
         labels = np.full(n, -1, dtype=np.int64)
     else:
         labels = _initial_labels(particles, n_classes, init, seed, n_components)
-        refs = _class_averages(particles, tilts, labels, eye, zero, n_classes, weight_floor)
+        refs = _class_averages(particles, tilts, labels, eye, zero, n_classes, wiener_floor)
     changed: list[int] = []
     for _ in range(iterations):
         results = [
@@ -153,7 +123,7 @@ def multi_reference_alignment(
         changed.append(int((new_labels != labels).sum()))
         labels = new_labels
         rot, shift, score = _gather(results, best)
-        refs = _class_averages(particles, tilts, labels, rot, shift, n_classes, weight_floor, previous=refs)
+        refs = _class_averages(particles, tilts, labels, rot, shift, n_classes, wiener_floor, previous=refs)
         if changed[-1] == 0:
             break
     return MRAResult(labels=labels, rotations=rot, shifts=shift, references=refs, scores=score, changed=changed)

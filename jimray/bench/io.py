@@ -96,6 +96,7 @@ def run(n: int, box: int, rows_per_shard: int, batch_size: int, workdir: Path, p
     from jimray.io.ingest import ingest_star
     from jimray.io.shards import list_shards
 
+    load_before = os.getloadavg()[0]
     star = make_dataset(workdir, n, box, progress=progress)
     mrc_files = sorted((workdir / "mrc").glob("*.mrc"))
     with timer() as t:
@@ -125,13 +126,15 @@ def run(n: int, box: int, rows_per_shard: int, batch_size: int, workdir: Path, p
         _row("Ray Data read, MRC files via STAR", n, mrc_bytes, ray_mrc_s, raw_mrc_s),
     ]
     ratio = ray_pq_s / raw_pq_s
+    load = (load_before, os.getloadavg()[0])
     columns = ["stage", "subtomograms", "MB", "seconds", "subtomograms/s", "MB/s", "time / raw read"]
     md = markdown_table(rows, columns)
     md += (f"\nParquet streaming / raw read of the same bytes: **{ratio:.2f}x** (goal: within 2x). "
            f"{n} volumes of {box}^3 float32, {len(shard_files)} shards of {rows_per_shard} rows, "
-           f"batch size {batch_size}; warm page cache; best of 2 passes for the Ray reads.\n")
+           f"batch size {batch_size}; warm page cache; best of 2 passes for the Ray reads. "
+           f"1-minute load average of the machine: {load[0]:.1f} before, {load[1]:.1f} after.\n")
     results = {"n": n, "box": box, "rows_per_shard": rows_per_shard, "batch_size": batch_size, "rows": rows,
-               "parquet_ray_over_raw": ratio, "goal_within_2x": bool(ratio <= 2.0)}
+               "parquet_ray_over_raw": ratio, "goal_within_2x": bool(ratio <= 2.0), "load_average_1min": load}
     return results, md
 
 

@@ -12,6 +12,7 @@ Speed: training and inference pairs/s at box 32 for batch 8 and 32, parameter co
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,10 @@ def _train_step(model: JimNet, optimizer, pairs: PairBatch, s: LearningSettings)
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-def learning_check(s: LearningSettings, device, progress=None) -> dict:
-    """Train by the unsupervised alignment loss on fresh simulated pairs; the held-out error curve."""
+def learning_check(s: LearningSettings, device, progress=None, on_eval=None) -> dict:
+    """Train by the unsupervised alignment loss on fresh simulated pairs; the held-out error curve.
+
+    ``progress(step)`` is called after every step, ``on_eval(row)`` after every held-out evaluation."""
     from jimray.simulate.embedded import embedded_maps
 
     reference = embedded_maps(s.voxel_size_angstrom, s.box_size, names=[s.structure])[s.structure]
@@ -114,15 +117,17 @@ def learning_check(s: LearningSettings, device, progress=None) -> dict:
     torch.manual_seed(s.seed)
     model = JimNet(s.model, 1).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    curve = [{"step": 0, "pairs_seen": 0, "loss": float("nan"), **evaluate(model, held_out)}]
+    curve = [{"step": 0, "pairs_seen": 0, "loss": float("nan"), "seconds": 0.0, **evaluate(model, held_out)}]
     start, losses = time.perf_counter(), []
     for step in range(1, s.steps + 1):
         pairs = _to(simulate_pairs(reference, s.batch_size, s, seed=s.seed + step), device)
         losses.append(_train_step(model, optimizer, pairs, s)["total"])
         if step % s.eval_every == 0 or step == s.steps:
             curve.append({"step": step, "pairs_seen": step * s.batch_size, "loss": float(np.mean(losses)),
-                          **evaluate(model, held_out)})  # fmt: skip
+                          "seconds": time.perf_counter() - start, **evaluate(model, held_out)})  # fmt: skip
             losses = []
+            if on_eval is not None:
+                on_eval(curve[-1])
         if progress is not None:
             progress(step)
     return {
@@ -226,13 +231,15 @@ def markdown(learning: dict, speed_rows: list[dict], flops: dict, s: LearningSet
         f"Learning check: structure `{s.structure}`, box {s.box_size}, SNR {s.snr}, tilt range "
         f"{s.tilt_range_degrees:g} (30-degree wedge), {s.steps} steps x batch {s.batch_size} = "
         f"{s.steps * s.batch_size} fresh pairs, alignment loss only (no labels), Adam lr {s.lr}; "
-        f"{s.eval_pairs} held-out pairs; trained in {learning['train_seconds']:.0f} s.\n\n"
+        f"{s.eval_pairs} held-out pairs; trained in {learning['train_seconds']:.0f} s (1-min load average "
+        f"{learning['load_average_1min'][0]:.1f} before, {learning['load_average_1min'][1]:.1f} after: the CPU is "
+        "shared, so wall times are upper bounds).\n\n"
         f"Rotation error before training {first['rotation_error']:.3f} (identity guess "
         f"{learning['identity_rotation_error']:.3f}), after {last['rotation_error']:.3f}; translation error "
         f"{first['translation_error_voxels']:.2f} -> {last['translation_error_voxels']:.2f} voxels. "
         f"Paper's Gum-Net at SNR 0.1: 0.62. Curve: `{curve_path}`.\n\n"
     )
-    text += markdown_table(learning["curve"], ["step", "pairs_seen", "loss", "rotation_error",
+    text += markdown_table(learning["curve"], ["step", "pairs_seen", "seconds", "loss", "rotation_error",
                                                "rotation_error_stage1", "translation_error_voxels"])  # fmt: skip
     text += (
         f"\nSpeed (box {s.box_size}; {learning['parameters']:,} parameters; counted FLOPs per pair: forward "
@@ -243,9 +250,11 @@ def markdown(learning: dict, speed_rows: list[dict], flops: dict, s: LearningSet
     return text + markdown_table(speed_rows, cols)
 
 
-def run(s: LearningSettings, devices: list[str], curve_path: Path, progress=None) -> tuple[dict, str]:
+def run(s: LearningSettings, devices: list[str], curve_path: Path, progress=None, on_eval=None) -> tuple[dict, str]:
     """The whole benchmark: learning check on the first device, speed on each; returns (results, markdown)."""
-    learning = learning_check(s, devices[0], progress)
+    load_before = os.getloadavg()[0]
+    learning = learning_check(s, devices[0], progress, on_eval)
+    learning["load_average_1min"] = [load_before, os.getloadavg()[0]]
     plot_curve(learning["curve"], curve_path)
     flops = flops_per_pair(s.model, s.box_size)
     rows = []
@@ -287,6 +296,7 @@ def register(bench_app: typer.Typer) -> None:
                    f"--eval-pairs {eval_pairs} --lr {lr} --structure {structure}")  # fmt: skip
         with Progress() as bar:
             task = bar.add_task("training", total=steps)
-            results, md = run(s, devices[::-1], out / "model_curve.png", lambda i: bar.update(task, completed=i))
+            results, md = run(s, devices[::-1], out / "model_curve.png", lambda i: bar.update(task, completed=i),
+                              lambda row: bar.console.print({k: round(v, 3) for k, v in row.items()}))
         write_results(out, "model", results, md, command)
         typer.echo(md)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _COV_TYPES = ("full", "diag")
 _INITS = ("k-means++", "random")
-_ELEMENTS_PER_CHUNK = 2**22  # K * rows * d elements held at once in the E-step
+_ELEMENTS_PER_CHUNK = 2**18  # K * rows * d elements held at once in the E-step (cache-sized chunks)
 
 
 def _as_tensor(X: Any, dtype: torch.dtype, device: torch.device | str | None) -> tuple[torch.Tensor, bool]:

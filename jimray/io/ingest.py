@@ -89,6 +89,8 @@ def _header_pass(specs: list[str], voxel_given: float | None, progress: Progress
 def _prepare(star_path, voxel_size_angstrom, progress):
     table = read_particles(star_path)
     specs = image_specs(table.particles, star_path)
+    if not specs:
+        raise ValueError(f"{star_path}: the particles block is empty; nothing to check")
     voxel_given = voxel_size_angstrom if voxel_size_angstrom is not None else table.voxel_size_angstrom
     if voxel_given is not None and not (np.isfinite(voxel_given) and voxel_given > 0):
         raise ValueError(f"voxel size must be a positive number of Angstrom, got {voxel_given}")
@@ -163,6 +165,7 @@ def ingest_star(
     table, specs, bad, box_size, voxel = _prepare(star_path, voxel_size_angstrom, progress)
     report = IngestReport(star_path, len(specs), box_size, voxel)
     names = [str(x) for x in table.particles["rlnImageName"]]
+    created = not out_dir.exists()
     staging = _prepare_out_dir(out_dir)
     try:
         buffer: list[tuple[int, np.ndarray]] = []
@@ -203,6 +206,8 @@ def ingest_star(
         return report
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):  # a refused or failed run leaves no trace
+            out_dir.rmdir()
 
 
 def write_skipped_csv(path: str | Path, bad: list[tuple[str, str]]) -> Path:

@@ -42,14 +42,10 @@ def local_correlation(target_features: torch.Tensor, source_features: torch.Tens
     _check_pair(target_features, source_features)
     if radius < 0:
         raise ValueError(f"local correlation radius must be >= 0, got {radius}")
-    d, h, w = target_features.shape[-3:]
+    b, _, d, h, w = target_features.shape
+    k = 2 * radius + 1
     ft = F.normalize(target_features, dim=1)
     fs = F.pad(F.normalize(source_features, dim=1), (radius,) * 6)
-    span = range(2 * radius + 1)
-    out = [
-        (ft * fs[:, :, dz : dz + d, dy : dy + h, dx : dx + w]).sum(dim=1)
-        for dz in span
-        for dy in span
-        for dx in span
-    ]
-    return torch.stack(out, dim=1)
+    windows = fs.unfold(2, k, 1).unfold(3, k, 1).unfold(4, k, 1)  # (b, c, d, h, w, k, k, k), a view
+    out = torch.einsum("bczyx,bczyxijl->bijlzyx", ft, windows)
+    return out.reshape(b, k**3, d, h, w)

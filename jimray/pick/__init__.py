@@ -12,6 +12,7 @@ from jimray.pick.dog import (
     pick_particles,
     pick_slab,
     slab_bounds,
+    suppress_close,
 )
 from jimray.pick.metrics import PickScore, match_picks
 
@@ -29,4 +30,5 @@ __all__ = [
     "pick_particles",
     "pick_slab",
     "slab_bounds",
+    "suppress_close",
 ]

@@ -72,7 +72,10 @@ def random_positions(
     lo = np.full(3, float(margin))
     hi = np.array([shape[2], shape[1], shape[0]], dtype=np.float64) - 1.0 - margin
     if np.any(hi < lo):
-        raise ValueError(f"tomogram {tuple(shape)} is too small for a margin of {margin} voxels")
+        raise ValueError(
+            f"tomogram {tuple(shape)} is too small for a margin of {margin} voxels on every face; make each "
+            f"axis at least {2 * math.ceil(margin) + 1} voxels"
+        )
     points = np.zeros((n, 3))
     count, tries = 0, 0
     while count < n:

@@ -26,7 +26,6 @@ from jimray.train.state import load_round_state
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
-TRAIN_COLUMNS = ["id", "volume", "tilt_range_degrees"]
 
 
 def init_ray() -> None:
@@ -60,13 +59,13 @@ def prepare_data(config: JobConfig, run_dir: Path) -> Path:
 
 
 def build_dataset(config: JobConfig, data_path: Path):
-    """Ray Data stream of (id, volume, tilt_range_degrees[, true_class]) for the trainer."""
+    """Ray Data stream of subtomograms (id, volume, tilt_range_degrees[, true_class], ...) for the trainer.
+
+    Workers iterate numpy batches and pick the columns they need by name, so no schema pass is needed here.
+    """
     d = config.data
-    ds = read_subtomograms(data_path, box_size=d.box_size, voxel_size_angstrom=d.voxel_size_angstrom,
-                           normalize=d.normalize)
-    columns = ds.schema().names
-    keep = TRAIN_COLUMNS + (["true_class"] if "true_class" in columns else [])
-    return ds.select_columns(keep)
+    return read_subtomograms(data_path, box_size=d.box_size, voxel_size_angstrom=d.voxel_size_angstrom,
+                             normalize=d.normalize)
 
 
 def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> TorchTrainer:

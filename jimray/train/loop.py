@@ -109,15 +109,21 @@ def _train_pass(ctx: _Context, ddp_model, optimizer, lowpass: float) -> dict[str
     with Join(joinables, enable=bool(joinables)):
         for batch in ctx.batches():
             ids = np.asarray(batch["id"], dtype=np.int64)
-            labels, _, target_volumes, target_tilts = ray.get(ctx.sampler.sample_targets.remote(ids))
-            source = torch.from_numpy(np.ascontiguousarray(batch["volume"], dtype=np.float32)).to(ctx.device)
-            target = torch.from_numpy(np.ascontiguousarray(target_volumes, dtype=np.float32)).to(ctx.device)
+            source_np = np.ascontiguousarray(batch["volume"], dtype=np.float32)
+            source_tilts = np.asarray(batch["tilt_range_degrees"], dtype=np.float32)
+            labels, target_ids, target_volumes, target_tilts = (
+                np.array(a) for a in ray.get(ctx.sampler.sample_target_batch.remote(ids))
+            )
+            alone = target_ids < 0  # a cluster without reservoir members: pair the source with itself
+            target_volumes[alone], target_tilts[alone] = source_np[alone], source_tilts[alone]
+            source = torch.from_numpy(source_np).to(ctx.device)
+            target = torch.from_numpy(target_volumes).to(ctx.device)
             out = ddp_model(source, target)
             terms = jimnet_loss(
                 out,
                 source,
                 target,
-                torch.as_tensor(batch["tilt_range_degrees"], dtype=torch.float32, device=ctx.device),
+                torch.as_tensor(source_tilts, device=ctx.device),
                 torch.as_tensor(target_tilts, dtype=torch.float32, device=ctx.device),
                 torch.as_tensor(labels, dtype=torch.long, device=ctx.device),
                 cfg.gamma,

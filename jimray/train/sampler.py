@@ -64,6 +64,7 @@ class PairSampler:
         self._res_ids: dict[int, np.ndarray] = {}
         self._res_vols: dict[int, np.ndarray] = {}
         self._res_seen: dict[int, int] = {}
+        self._res_tilts: dict[int, np.ndarray] = {}
         self._vol_shape: tuple[int, ...] | None = None
 
     def add_labels(self, ids, labels) -> None:
@@ -80,7 +81,7 @@ class PairSampler:
         ids = np.concatenate([self._ids, *self._pending_ids])
         labels = np.concatenate([self._labels, *self._pending_labels])
         self._pending_ids, self._pending_labels = [], []
-        order = np.argsort(ids, kind="stable")
+        order = np.argsort(ids)  # equal ids end up adjacent; conflicts are caught in any order
         ids, labels = ids[order], labels[order]
         dup = np.flatnonzero(ids[1:] == ids[:-1])
         if len(dup):
@@ -98,7 +99,12 @@ class PairSampler:
 
     def _positions(self, ids: np.ndarray) -> np.ndarray:
         self._consolidate()
-        pos = np.searchsorted(self._ids, ids)
+        if len(ids) > 1024:  # sorted needles make numpy's binary searches cache friendly
+            order = np.argsort(ids)
+            pos = np.empty(len(ids), dtype=np.int64)
+            pos[order] = np.searchsorted(self._ids, ids[order])
+        else:
+            pos = np.searchsorted(self._ids, ids)
         pos_c = np.minimum(pos, max(len(self._ids) - 1, 0))
         found = (pos < len(self._ids)) & (self._ids[pos_c] == ids) if len(self._ids) else np.zeros(len(ids), bool)
         if not found.all():
@@ -125,12 +131,16 @@ class PairSampler:
         return len(self._ids)
 
     # ------------------------------------------------------------------ reservoirs of target volumes
-    def offer_targets(self, ids, labels, volumes) -> None:
-        """Offer target volumes (n, d, h, w) with their ids and labels; each cluster keeps a uniform sample
-        (Algorithm R over everything offered to it this round) of at most ``reservoir_per_cluster``."""
+    def offer_targets(self, ids, labels, volumes, tilts=None) -> None:
+        """Offer target volumes (n, d, h, w) with their ids, labels and (optionally) tilt ranges in degrees;
+        each cluster keeps a uniform sample (Algorithm R over everything offered to it this round) of at most
+        ``reservoir_per_cluster``."""
         ids = _ids_array(ids)
         labels = _labels_array(labels, len(ids))
         volumes = np.asarray(volumes, dtype=np.float32)
+        tilts = np.full(len(ids), np.nan, np.float32) if tilts is None else np.asarray(tilts, np.float32)
+        if tilts.shape != (len(ids),):
+            raise ValueError(f"tilts must be (n,) with n = {len(ids)} ids, got shape {tilts.shape}")
         if volumes.ndim != 4 or volumes.shape[0] != len(ids):
             raise ValueError(f"volumes must be (n, d, h, w) with n = {len(ids)} ids, got shape {volumes.shape}")
         if self._vol_shape is None:
@@ -140,11 +150,12 @@ class PairSampler:
         cap = self.reservoir_per_cluster
         for label in np.unique(labels):
             members = np.flatnonzero(labels == label)
-            self._offer_cluster(int(label), ids[members], volumes[members], cap)
+            self._offer_cluster(int(label), ids[members], volumes[members], cap, tilts[members])
 
-    def _offer_cluster(self, label: int, ids: np.ndarray, vols: np.ndarray, cap: int) -> None:
+    def _offer_cluster(self, label: int, ids: np.ndarray, vols: np.ndarray, cap: int, tilts: np.ndarray) -> None:
         if label not in self._res_ids:
             self._res_ids[label] = np.full(cap, -1, dtype=np.int64)
+            self._res_tilts[label] = np.full(cap, np.nan, dtype=np.float32)
             self._res_vols[label] = np.zeros((cap, *vols.shape[1:]), dtype=np.float32)
             self._res_seen[label] = 0
         seen = self._res_seen[label]
@@ -157,6 +168,7 @@ class PairSampler:
         keep = len(slot) - 1 - last
         self._res_ids[label][slot[keep]] = ids[src[keep]]
         self._res_vols[label][slot[keep]] = vols[src[keep]]
+        self._res_tilts[label][slot[keep]] = tilts[src[keep]]
         self._res_seen[label] = seen + len(ids)
 
     def reservoir_ids(self, label: int) -> np.ndarray:
@@ -167,13 +179,26 @@ class PairSampler:
     def sample_targets(self, source_ids, exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For each source id, a uniform random reservoir member of its cluster (not itself when the
         reservoir holds another). Returns (labels (b,) int64, target_ids (b,) int64, volumes (b, d, h, w))."""
+        labels, target_ids, volumes, _ = self._sample(source_ids, exclude_self, allow_missing=False)
+        return labels, target_ids, volumes
+
+    def sample_target_batch(self, source_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`sample_targets`, plus the targets' tilt ranges (b,); a source whose cluster has no
+        reservoir member gets target id -1 (a zero volume, NaN tilt) instead of an error, so a training step
+        can pair it with itself."""
+        return self._sample(source_ids, exclude_self=True, allow_missing=True)
+
+    def _sample(self, source_ids, exclude_self: bool, allow_missing: bool):
         source = _ids_array(source_ids, "source_ids")
         labels = self.labels_of(source)
-        target_ids = np.empty(len(source), dtype=np.int64)
-        volumes = np.empty((len(source), *(self._vol_shape or (0, 0, 0))), dtype=np.float32)
+        target_ids = np.full(len(source), -1, dtype=np.int64)
+        volumes = np.zeros((len(source), *(self._vol_shape or (0, 0, 0))), dtype=np.float32)
+        tilts = np.full(len(source), np.nan, dtype=np.float32)
         for label in np.unique(labels):
             rows = np.flatnonzero(labels == label)
             m = min(self._res_seen.get(int(label), 0), self.reservoir_per_cluster)
+            if m == 0 and allow_missing:
+                continue
             if m == 0:
                 raise RuntimeError(
                     f"no target volumes offered for cluster {label} in round {self.round_index}: "
@@ -193,7 +218,8 @@ class PairSampler:
                 j = np.where(inside, alt, j)
             target_ids[rows] = res[j]
             volumes[rows] = self._res_vols[int(label)][j]
-        return labels, target_ids, volumes
+            tilts[rows] = self._res_tilts[int(label)][j]
+        return labels, target_ids, volumes, tilts
 
     # ------------------------------------------------------------------ pairs over all ids
     def _build_groups(self) -> None:
@@ -243,6 +269,7 @@ class PairSampler:
             "rng": self._rng.bit_generator.state, "ids": self._ids.copy(), "labels": self._labels.copy(),
             "reservoirs": {int(k): (self._res_ids[k].copy(), self._res_vols[k].copy(), self._res_seen[k])
                            for k in self._res_ids},
+            "reservoir_tilts": {int(k): v.copy() for k, v in self._res_tilts.items()},
             "volume_shape": self._vol_shape,
         }
 
@@ -257,6 +284,8 @@ class PairSampler:
         for k, (rid, rvol, seen) in state["reservoirs"].items():
             self._res_ids[int(k)], self._res_vols[int(k)] = rid.copy(), rvol.copy()
             self._res_seen[int(k)] = int(seen)
+            default = np.full(len(rid), np.nan, dtype=np.float32)
+            self._res_tilts[int(k)] = np.asarray(state.get("reservoir_tilts", {}).get(int(k), default)).copy()
         self._vol_shape = None if state["volume_shape"] is None else tuple(state["volume_shape"])
 
 

@@ -1,0 +1,223 @@
+"""``jimray predict`` as a library call: a trained run + subtomograms -> clusters, references, poses, STAR.
+
+Passes over the data (each streams through a fixed pool of actors that load the model once):
+
+1. :class:`~jimray.predict.predictors.ClusterPredictor`: label and posterior of every particle -> a small
+   id -> (label, probability) table kept on the driver and shared with the actors (``ray.put``);
+2. :func:`~jimray.predict.templates.estimate_references`: one read of the K most probable members, then
+   ``iterations`` align-and-average passes (wedge-aware, partial sums reduced on the driver);
+3. :class:`~jimray.predict.predictors.PosePredictor`: every particle's pose against its cluster's final
+   reference; only the table columns (no volumes) come back to the driver.
+
+Output folder: ``particles.star`` (RELION 3.1: rlnImageName, rlnClassNumber (1-based),
+rlnMaxValueProbDistribution, rlnAngleRot/Tilt/Psi, rlnOriginX/Y/ZAngst), ``class_NNN.mrc`` (the references the
+poses were measured against) and ``predict.json`` (a summary). When the particles' image files can be read and
+``average`` is on, the averaging pipeline (:func:`jimray.io.averaging.average_particles`, no re-refinement:
+our poses as they are) adds gold-standard half maps, ``fsc.csv``, plots and ``report.html``; it rewrites
+``class_NNN.mrc`` as the merged map of both halves under the final poses and ``particles.star`` with
+``rlnRandomSubset`` added.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from jimray.conventions import clustering_accuracy, euler_to_matrix
+from jimray.predict.predictors import POSE_COLUMNS, ClusterPredictor, LabelTable, PosePredictor, map_with_actors
+from jimray.predict.run import load_trained_run
+from jimray.predict.templates import INITIAL_TEMPLATES, estimate_references
+
+__all__ = ["PredictSummary", "predict", "cluster_table", "predict_poses", "star_table"]
+
+STAR_NAME = "particles.star"
+SUMMARY_NAME = "predict.json"
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict` did and wrote."""
+
+    out_dir: Path
+    star_path: Path
+    n_particles: int
+    n_clusters: int
+    cluster_sizes: list[int]
+    reference_paths: list[Path]
+    seconds: float
+    averaged: bool
+    averaging_note: str
+    clustering_accuracy: float | None = None
+    template_history: list[list[float | None]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def cluster_table(ds, run_ref, *, actors: int = 2, batch_size: int = 16) -> LabelTable:
+    """Pass 1: every particle's cluster and posterior (only ids, labels and probabilities reach the driver)."""
+    labelled = map_with_actors(ds.select_columns(["id", "volume"]), ClusterPredictor, actors=actors,
+                               batch_size=batch_size, run=run_ref).select_columns(["id", "label", "probability"])
+    ids, labels, probabilities = [], [], []
+    for batch in labelled.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids.append(batch["id"])
+        labels.append(batch["label"])
+        probabilities.append(batch["probability"])
+    if not ids:
+        raise ValueError("the data set holds no subtomograms")
+    return LabelTable.from_arrays(np.concatenate(ids), np.concatenate(labels), np.concatenate(probabilities))
+
+
+def predict_poses(ds, run_ref, references_ref, table_ref, *, actors: int = 2, batch_size: int = 16) -> pd.DataFrame:
+    """Pass 3: a table (sorted by id, no volumes) of every particle's columns plus label, probability and pose."""
+    posed = map_with_actors(ds, PosePredictor, actors=actors, batch_size=batch_size, run=run_ref,
+                            references=references_ref, labels=table_ref).drop_columns(["volume"])
+    return posed.to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def _image_bases(data: Path) -> list[Path]:
+    """Folders relative image names may be relative to: a STAR's folder; a shard folder and its parent."""
+    if data.is_dir():
+        return [data, data.parent]
+    return [data.parent] if data.suffix == ".star" else [data.parent, data.parent.parent]
+
+
+def _split_spec(name: str) -> tuple[str, str]:
+    head, sep, tail = name.partition("@")
+    return (f"{head}@", tail) if sep and head.isdigit() else ("", name)
+
+
+def _output_image_names(df: pd.DataFrame, data: Path, out_dir: Path) -> tuple[list[str], bool]:
+    """rlnImageName for the output STAR (relative names rewritten to resolve from ``out_dir``) and whether every
+    file exists. Without an ``image_name`` column: ``"<id>@<data path>"`` (not readable as images)."""
+    if "image_name" not in df.columns:
+        return [f"{int(i)}@{data.resolve()}" for i in df["id"]], False
+    names = [str(n) for n in df["image_name"]]
+    prefix, first = _split_spec(names[0])
+    base = next((b for b in _image_bases(data.resolve()) if (b / first).exists()), None)
+    if base is None and not Path(first).is_absolute():
+        return names, False
+    out, files = [], set()
+    for name in names:
+        prefix, file_part = _split_spec(name)
+        path = Path(file_part) if Path(file_part).is_absolute() else base / file_part
+        files.add(path)
+        out.append(f"{prefix}{os.path.relpath(path, out_dir.resolve())}")
+    return out, all(f.is_file() for f in files)
+
+
+def star_table(df: pd.DataFrame, image_names: list[str], voxel_size_angstrom: float) -> pd.DataFrame:
+    """RELION particle columns from a :func:`predict_poses` table."""
+    from jimray.io.star import pose_columns
+
+    rotations = euler_to_matrix(df[list(POSE_COLUMNS[:3])].to_numpy(np.float64))
+    shifts = df[list(POSE_COLUMNS[3:])].to_numpy(np.float64)
+    table = pd.DataFrame({"rlnImageName": image_names,
+                          "rlnClassNumber": df["label"].to_numpy(np.int64) + 1,
+                          "rlnMaxValueProbDistribution": df["probability"].to_numpy(np.float64)})
+    for key, values in pose_columns(rotations, shifts, voxel_size_angstrom).items():
+        table[key] = values
+    return table
+
+
+def _single_value(df: pd.DataFrame, column: str, what: str) -> float:
+    values = np.unique(df[column].to_numpy(np.float64))
+    if len(values) != 1:
+        raise ValueError(f"the particles have several {what} ({values[:5].tolist()}); predict one data set at a time")
+    return float(values[0])
+
+
+def _run_averaging(star: Path, out: Path, readable: bool, enabled: bool, tilt: float) -> tuple[bool, str]:
+    if not enabled:
+        return False, "averaging off"
+    if not readable:
+        return False, "skipped: the input has no readable image files (rlnImageName); run `jimray average` on a STAR"
+    try:
+        from jimray.io.averaging import average_particles
+    except ImportError as exc:
+        return False, f"skipped: averaging pipeline not importable ({exc})"
+    average_particles(star, out, refine=False, tilt_range_degrees=tilt)
+    return True, "gold-standard half maps, FSC and report.html under the predicted poses"
+
+
+def predict(
+    run_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    actors: int = 2,
+    batch_size: int = 16,
+    iterations: int = 2,
+    initial: str = "best",
+    average: bool = True,
+    voxel_size_angstrom: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PredictSummary:
+    """Cluster, build references and pose every subtomogram of ``data`` with the run in ``run_dir``; write
+    ``out_dir`` (module docstring). ``voxel_size_angstrom`` overrides the data's (default: the training job's
+    override, else the data's own)."""
+    import ray
+
+    from jimray.data.reader import read_subtomograms
+    from jimray.io.mrc import write_volume
+    from jimray.io.star import write_particles
+    from jimray.train.driver import init_ray
+
+    started, say = time.perf_counter(), progress or (lambda _message: None)
+    data, out = Path(data), Path(out_dir)
+    _check_arguments(data, actors, batch_size, iterations, initial)
+    run = load_trained_run(run_dir)
+    init_ray()
+    cfg = run.config.data
+    ds = read_subtomograms(data, box_size=cfg.box_size, voxel_size_angstrom=voxel_size_angstrom or
+                           cfg.voxel_size_angstrom, normalize=cfg.normalize)
+    run_ref, k = ray.put(run.payload()), run.n_clusters
+    table = cluster_table(ds, run_ref, actors=actors, batch_size=batch_size)
+    say(f"clustered {len(table)} subtomograms into {int((table.sizes(k) > 0).sum())} of {k} clusters")
+    estimate = estimate_references(ds, run_ref, table, k, iterations=iterations, initial=initial, actors=actors,
+                                   batch_size=batch_size, progress=say)
+    df = predict_poses(ds, run_ref, ray.put(estimate.references), ray.put(table), actors=actors,
+                       batch_size=batch_size)
+    say(f"posed {len(df)} subtomograms against their cluster's reference")
+    voxel, tilt = _single_value(df, "voxel_size_angstrom", "voxel sizes"), float(df["tilt_range_degrees"].median())
+    out.mkdir(parents=True, exist_ok=True)
+    names, readable = _output_image_names(df, data, out)
+    star = out / STAR_NAME
+    write_particles(star, star_table(df, names, voxel), voxel, box_size=int(estimate.references.shape[-1]))
+    references = []
+    for label in np.flatnonzero(estimate.counts > 0):
+        references.append(out / f"class_{label + 1:03d}.mrc")
+        write_volume(references[-1], estimate.references[label], voxel)
+    averaged, note = _run_averaging(star, out, readable, average, tilt)
+    accuracy = clustering_accuracy(df["true_class"], df["label"]) if "true_class" in df.columns else None
+    summary = PredictSummary(out, star, len(df), k, table.sizes(k).tolist(), references, 0.0, averaged, note, accuracy,
+                             [[None if np.isnan(x) else float(x) for x in h] for h in estimate.history])
+    summary.seconds = time.perf_counter() - started
+    summary.files = sorted(p for p in out.iterdir() if p.is_file())
+    _write_summary(summary, run_dir, data)
+    return summary
+
+
+def _check_arguments(data: Path, actors: int, batch_size: int, iterations: int, initial: str) -> None:
+    if not data.exists():
+        raise ValueError(f"{data}: no such file or folder; pass Parquet shards, a STAR file or a folder of MRC files")
+    if actors < 1 or batch_size < 1 or iterations < 0:
+        raise ValueError(f"need actors >= 1, batch size >= 1 and iterations >= 0, got {actors}, {batch_size}, "
+                         f"{iterations}")
+    if initial not in INITIAL_TEMPLATES:
+        raise ValueError(f"initial template must be one of {INITIAL_TEMPLATES}, got {initial!r}")
+
+
+def _write_summary(summary: PredictSummary, run_dir, data) -> None:
+    record = {"run_dir": str(Path(run_dir).resolve()), "data": str(Path(data).resolve()),
+              "n_particles": summary.n_particles, "n_clusters": summary.n_clusters,
+              "cluster_sizes": summary.cluster_sizes, "clustering_accuracy": summary.clustering_accuracy,
+              "template_history": summary.template_history, "averaged": summary.averaged,
+              "averaging_note": summary.averaging_note, "seconds": round(summary.seconds, 3),
+              "references": [p.name for p in summary.reference_paths]}
+    (summary.out_dir / SUMMARY_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
