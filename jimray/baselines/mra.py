@@ -12,7 +12,8 @@ random disjoint subsets); then each iteration
    pose, its spectrum accumulated with its wedge rotated by the same inverse rotation, the sum divided by the
    weight sum floored at ``wiener_floor``).
 
-Iterations stop early when no assignment changes. An empty class keeps its previous reference.
+All ``iterations`` run (the references keep sharpening after the assignments settle); ``changed`` records how
+many assignments changed in each. An empty class keeps its previous reference.
 """
 
 from __future__ import annotations
@@ -124,8 +125,6 @@ def multi_reference_alignment(
         labels = new_labels
         rot, shift, score = _gather(results, best)
         refs = _class_averages(particles, tilts, labels, rot, shift, n_classes, wiener_floor, previous=refs)
-        if changed[-1] == 0:
-            break
     return MRAResult(labels=labels, rotations=rot, shifts=shift, references=refs, scores=score, changed=changed)
 
 

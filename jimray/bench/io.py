@@ -56,17 +56,23 @@ def raw_read_seconds(files: list[Path]) -> tuple[float, int]:
     return t(), total
 
 
-def ray_read_seconds(path: Path, batch_size: int, repeats: int = 2) -> tuple[float, int]:
-    """Best time of ``repeats`` full passes over ``read_subtomograms(path, normalize=False)``: (seconds, rows)."""
+def ray_read_seconds(path: Path, batch_size: int, repeats: int = 2) -> tuple[float, float, int, int]:
+    """Best of ``repeats`` full passes over ``read_subtomograms(path, normalize=False)``:
+    (seconds, seconds to the first batch, rows, rows of the first batch), from the pass with the best total."""
     from jimray.data.reader import read_subtomograms
 
-    best, rows = float("inf"), 0
+    best = (float("inf"), 0.0, 0, 0)
     for _ in range(repeats):
+        rows, first, first_rows = 0, None, 0
         with timer() as t:
             ds = read_subtomograms(path, normalize=False)
-            rows = sum(len(b["id"]) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
-        best = min(best, t())
-    return best, rows
+            for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                rows += len(batch["id"])
+                if first is None:
+                    first, first_rows = t(), len(batch["id"])
+        if t() < best[0]:
+            best = (t(), first, rows, first_rows)
+    return best
 
 
 def _start_ray():
@@ -109,8 +115,8 @@ def run(n: int, box: int, rows_per_shard: int, batch_size: int, workdir: Path, p
     raw_pq_s, pq_bytes = raw_read_seconds(shard_files)
     started = _start_ray()
     try:
-        ray_pq_s, rows_pq = ray_read_seconds(workdir / "shards", batch_size)
-        ray_mrc_s, rows_mrc = ray_read_seconds(star, batch_size)
+        ray_pq_s, first_pq_s, rows_pq, first_rows_pq = ray_read_seconds(workdir / "shards", batch_size)
+        ray_mrc_s, first_mrc_s, rows_mrc, first_rows_mrc = ray_read_seconds(star, batch_size)
     finally:
         if started:
             import ray
@@ -118,23 +124,34 @@ def run(n: int, box: int, rows_per_shard: int, batch_size: int, workdir: Path, p
             ray.shutdown()
     if rows_pq != n or rows_mrc != n:
         raise RuntimeError(f"Ray read {rows_pq} (Parquet) / {rows_mrc} (MRC) rows, expected {n}")
+    rest_pq, rest_mrc = n - first_rows_pq, n - first_rows_mrc
+    steady_pq_s, steady_mrc_s = ray_pq_s - first_pq_s, ray_mrc_s - first_mrc_s
     rows = [
         _row("ingest MRC -> Parquet (check + convert)", n, mrc_bytes, ingest_s),
         _row("raw read, Parquet files (open().read())", n, pq_bytes, raw_pq_s),
-        _row("Ray Data read, Parquet shards", n, pq_bytes, ray_pq_s, raw_pq_s),
+        _row("Ray Data read, Parquet shards (whole pass)", n, pq_bytes, ray_pq_s, raw_pq_s),
+        _row("Ray Data read, Parquet shards (after 1st batch)", rest_pq, pq_bytes * rest_pq / n, steady_pq_s,
+             raw_pq_s * rest_pq / n),
         _row("raw read, MRC files (open().read())", n, mrc_bytes, raw_mrc_s),
-        _row("Ray Data read, MRC files via STAR", n, mrc_bytes, ray_mrc_s, raw_mrc_s),
+        _row("Ray Data read, MRC files via STAR (whole pass)", n, mrc_bytes, ray_mrc_s, raw_mrc_s),
+        _row("Ray Data read, MRC files via STAR (after 1st batch)", rest_mrc, mrc_bytes * rest_mrc / n,
+             steady_mrc_s, raw_mrc_s * rest_mrc / n),
     ]
     ratio = ray_pq_s / raw_pq_s
+    steady_ratio = steady_pq_s / (raw_pq_s * rest_pq / n) if rest_pq else float("nan")
     load = (load_before, os.getloadavg()[0])
     columns = ["stage", "subtomograms", "MB", "seconds", "subtomograms/s", "MB/s", "time / raw read"]
     md = markdown_table(rows, columns)
-    md += (f"\nParquet streaming / raw read of the same bytes: **{ratio:.2f}x** (goal: within 2x). "
+    md += (f"\nParquet streaming / raw read of the same bytes: **{ratio:.1f}x** for a whole pass, "
+           f"**{steady_ratio:.1f}x** after the first batch (goal: within 2x). Time to the first batch: "
+           f"{first_pq_s:.2f} s (Parquet), {first_mrc_s:.2f} s (MRC). "
            f"{n} volumes of {box}^3 float32, {len(shard_files)} shards of {rows_per_shard} rows, "
            f"batch size {batch_size}; warm page cache; best of 2 passes for the Ray reads. "
            f"1-minute load average of the machine: {load[0]:.1f} before, {load[1]:.1f} after.\n")
     results = {"n": n, "box": box, "rows_per_shard": rows_per_shard, "batch_size": batch_size, "rows": rows,
-               "parquet_ray_over_raw": ratio, "goal_within_2x": bool(ratio <= 2.0), "load_average_1min": load}
+               "parquet_ray_over_raw": ratio, "parquet_ray_over_raw_after_first_batch": steady_ratio,
+               "first_batch_seconds": {"parquet": first_pq_s, "mrc": first_mrc_s},
+               "goal_within_2x": bool(ratio <= 2.0), "load_average_1min": load}
     return results, md
 
 

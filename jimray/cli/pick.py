@@ -45,6 +45,26 @@ def _star_names(tomograms: list[Path], out: Path) -> dict[str, Path]:
     return names
 
 
+def _pick_and_write(paths: list[Path], settings, stars: dict[str, Path]) -> tuple[list[pd.DataFrame], float]:
+    """Stream the picks of every tomogram from Ray and write its STAR as soon as it is done."""
+    from jimray.data.pick import pick_tomograms
+    from jimray.io.star import write_particles
+
+    tables, voxel = [], None
+    with _progress() as bar:
+        task = bar.add_task("picking", total=None)
+        for result in pick_tomograms(paths, settings, lambda k, n: bar.update(task, completed=k, total=n)):
+            table = coordinate_table(result.path, result.picks.coords_xyz, result.picks.scores)
+            write_particles(stars[result.path], table, result.voxel_size_angstrom)
+            bar.console.print(f"{Path(result.path).name}: {len(table)} picks -> {stars[result.path]}")
+            tables.append(table)
+            if voxel is not None and abs(voxel - result.voxel_size_angstrom) > 1e-6:
+                typer.secho(f"warning: {result.path} has voxel size {result.voxel_size_angstrom:g} A, not "
+                            f"{voxel:g} A; {COMBINED_STAR} states {voxel:g} A", err=True, fg="yellow")
+            voxel = voxel or result.voxel_size_angstrom
+    return tables, voxel
+
+
 def register(app: typer.Typer) -> None:
     @app.command("pick")
     def pick(
@@ -58,7 +78,7 @@ def register(app: typer.Typer) -> None:
         invert: bool = typer.Option(False, "--invert", help="particles are dark (raw contrast): flip the sign"),
     ) -> None:
         """Pick particles with a difference-of-Gaussian filter; one Ray task per tomogram (or z-slab)."""
-        from jimray.data.pick import PickSettings, pick_tomograms
+        from jimray.data.pick import PickSettings
         from jimray.io.star import write_particles
         from jimray.train.driver import init_ray
 
@@ -66,17 +86,8 @@ def register(app: typer.Typer) -> None:
         settings = PickSettings(particle_diameter, threshold, edge_margin, min_distance, voxel_size, invert)
         out.mkdir(parents=True, exist_ok=True)
         init_ray()
-        tables, voxel = [], None
         try:
-            with _progress() as bar:
-                task = bar.add_task("picking", total=None)
-                paths = [t.resolve() for t in tomograms]
-                for result in pick_tomograms(paths, settings, lambda k, n: bar.update(task, completed=k, total=n)):
-                    table = coordinate_table(result.path, result.picks.coords_xyz, result.picks.scores)
-                    write_particles(stars[result.path], table, result.voxel_size_angstrom)
-                    bar.console.print(f"{Path(result.path).name}: {len(table)} picks -> {stars[result.path]}")
-                    tables.append(table)
-                    voxel = voxel or result.voxel_size_angstrom
+            tables, voxel = _pick_and_write([t.resolve() for t in tomograms], settings, stars)
         except ValueError as exc:  # bad MRC (MRCError), missing voxel size, bad numbers
             raise UserError(str(exc)) from None
         write_particles(out / COMBINED_STAR, pd.concat(tables, ignore_index=True), voxel)

@@ -14,14 +14,14 @@ Columns
 Ray Data
 --------
 Checked on Ray 2.60 / pyarrow 26: ``ray.data.read_parquet(...)`` (both the V1 and the V2 datasource) reads the
-canonical ``fixed_shape_tensor`` column natively; ``iter_batches(batch_format="numpy")`` yields ``volume`` as a float32 ndarray ``(b, d, h, w)``
-and ``map_batches`` outputs come back as Ray's ``ArrowTensorTypeV2``. No conversion step is needed
-(``tests/test_io_shards.py`` checks this). Plain pyarrow/pandas readers see the extension type too;
-:func:`read_shard` turns it into numpy.
+canonical ``fixed_shape_tensor`` column natively; ``iter_batches(batch_format="numpy")`` yields ``volume`` as
+a float32 ndarray ``(b, d, h, w)`` and ``map_batches`` outputs come back as Ray's ``ArrowTensorTypeV2``. No
+conversion step is needed (``tests/test_io_shards.py`` checks this). Plain pyarrow/pandas readers see the
+extension type too; :func:`read_shard` turns it into numpy.
 
 Shards are written uncompressed, without dictionary encoding except for the string columns: subtomograms
-are noise-dominated floats, and this reads about 1.3-2x faster than the default snappy/dictionary settings
-(measured by ``jimray bench io``).
+are noise-dominated floats, and pyarrow reads such shards faster than with the default snappy/dictionary
+settings (0.48 s against 0.60 s for 2000 32^3 volumes, measured while writing ``jimray bench io``).
 
 Writes are atomic: a shard is written to ``<name>.tmp-<pid>`` and renamed, so a killed job never leaves a
 half-written shard under the final name.

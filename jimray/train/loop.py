@@ -236,32 +236,52 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.load_state_dict(state.optimizer_state)
     cluster_prev = None if state is None else ClusterState.from_checkpoint(state)
     for round_index in range(start + 1, config.train.rounds + 1):
-        began = time.perf_counter()
-        local = rounds.embed_shard(
-            model, ctx.batches(), ctx.device, _reservoir_capacity(config, ctx.world), config.train.seed + round_index
-        )
-        previous = _previous_labels(ctx, local.ids, first_round=cluster_prev is None)
-        prev_k = None if cluster_prev is None else cluster_prev.n_clusters
-        cluster = cluster_embeddings(local.embeddings, config.gmm, ctx.reducer, previous, prev_k)
-        labels, changed, lut = rounds.relabel_to_previous(cluster.labels, previous, cluster.n_clusters, ctx.reducer)
-        reorder_to(cluster.gmm, lut)
-        _fill_sampler(ctx, local, labels, round_index)
-        if model.n_clusters != cluster.n_clusters:
-            model.resize_head(cluster.n_clusters)
-            model.to(ctx.device)
-            optimizer = _optimizer(model, config)
-        ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.world > 1 else model
-        _maybe_inject_fault(loop_config.get("fault"), round_index, ctx.rank)
-        losses: dict = {}
-        for _ in range(config.train.epochs_per_round):
-            losses = _train_pass(ctx, ddp_model, optimizer, config.model.lowpass_cycles_per_voxel)
-        elapsed = time.perf_counter() - began
-        history.append({"round": round_index, **_round_metrics(ctx, local, labels, cluster, changed, losses, elapsed)})
-        _log_round(ctx, history[-1])
-        cluster_prev = cluster.with_labels(labels)
-        _report(ctx, model, optimizer, cluster, history, local.ids, labels, round_index)
+        optimizer, cluster, local, metrics = _run_round(ctx, model, optimizer, cluster_prev, round_index,
+                                                        loop_config.get("fault"))
+        history.append(metrics)
+        _log_round(ctx, metrics)
+        cluster_prev = cluster
+        _report(ctx, model, optimizer, cluster, history, local.ids, cluster.labels, round_index)
     if start >= config.train.rounds and history:
         ray.train.report(dict(history[-1]))
+
+
+def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterState | None, round_index: int,
+               fault: str | None):
+    """(a)-(d) of one round; returns the (possibly new) optimiser, the matched clustering, the local
+    embeddings and the round's metrics (timings of each step included)."""
+    config = ctx.config
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
+    local = rounds.embed_shard(
+        model, ctx.batches(), ctx.device, _reservoir_capacity(config, ctx.world), config.train.seed + round_index
+    )
+    seconds = {"seconds_embed": lap()}
+    previous = _previous_labels(ctx, local.ids, first_round=cluster_prev is None)
+    prev_k = None if cluster_prev is None else cluster_prev.n_clusters
+    cluster = cluster_embeddings(local.embeddings, config.gmm, ctx.reducer, previous, prev_k)
+    labels, changed, lut = rounds.relabel_to_previous(cluster.labels, previous, cluster.n_clusters, ctx.reducer)
+    reorder_to(cluster.gmm, lut)
+    cluster = cluster.with_labels(labels)
+    _fill_sampler(ctx, local, labels, round_index)
+    seconds["seconds_cluster"] = lap()
+    if model.n_clusters != cluster.n_clusters:
+        model.resize_head(cluster.n_clusters)
+        model.to(ctx.device)
+        optimizer = _optimizer(model, config)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.world > 1 else model
+    _maybe_inject_fault(fault, round_index, ctx.rank)
+    losses: dict = {}
+    for _ in range(config.train.epochs_per_round):
+        losses = _train_pass(ctx, ddp_model, optimizer, config.model.lowpass_cycles_per_voxel)
+    seconds["seconds_train"] = lap()
+    seconds["pairs_per_second"] = losses.get("steps", 0) * config.train.batch_size / max(seconds["seconds_train"], 1e-9)
+    metrics = _round_metrics(ctx, local, labels, cluster, changed, losses, clock[-1] - clock[0])
+    return optimizer, cluster, local, {"round": round_index, **metrics, **seconds}
 
 
 def _reservoir_capacity(config: JobConfig, world_size: int) -> int:

@@ -1,0 +1,258 @@
+"""``jimray bench compare``: the classical methods (and Jim-Net, once plugged in) on the paper's SNR sweep.
+
+Per SNR level a data set is simulated with :func:`jimray.simulate.subtomogram.simulate_subtomograms` from the
+embedded maps (:func:`jimray.simulate.embedded.embedded_maps`): ``per_class`` subtomograms of each structure,
+tilt range 60 (30-degree missing wedge), box 32, shifts up to 2 voxels; plus ``pairs`` random same-class pairs
+with their true relative pose (``target ~ transform(source, R, t)``, the Jim-Net pair sense).
+
+Every method is a callable ``method(dataset) -> MethodResult`` in a registry (:func:`build_methods`,
+:func:`register_method`); it returns cluster labels and/or the predicted pose of each pair. The runner times it
+and scores it with the paper's metrics (:mod:`jimray.conventions`): rotation error ``||R - R'||_F`` and
+translation error (voxels) over the pairs, clustering accuracy (percent, Hungarian-matched) over all
+subtomograms, and wall seconds per subtomogram (per pair for pair-only methods). Jim-Net's numbers from the
+paper are printed alongside for reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+
+from jimray.bench.common import markdown_table, timer, write_results
+from jimray.conventions import clustering_accuracy, compose_poses, invert_pose, rotation_error, translation_error
+
+console = Console(stderr=True)
+
+PAPER_SNRS = (100.0, 0.1, 0.05, 0.03, 0.01)
+# Jim-Net, as reported in the paper (clustering %, rotation error, translation error in voxels) per SNR.
+PAPER_JIMNET = {
+    100.0: (100.0, 0.29, 1.28),
+    0.1: (99.7, 0.51, 2.12),
+    0.05: (96.1, 0.80, 3.20),
+    0.03: (85.5, 1.02, 4.12),
+    0.01: (48.1, 1.58, 6.78),
+}
+COLUMNS = ["method", "snr", "rotation_error_mean", "rotation_error_std", "translation_error_mean",
+           "translation_error_std", "clustering_accuracy", "seconds_per_subtomogram"]
+
+
+@dataclass
+class Dataset:
+    """One simulated level: ``volumes (n, d, h, w)``, true ``classes (n,)``, poses ``rotations (n, 3, 3)`` /
+    ``shifts (n, 3)`` (particle ~ transform(map, R, t)), ``pairs (m, 2)`` (source, target) indices of
+    same-class subtomograms with true pair poses ``pair_rotations (m, 3, 3)`` / ``pair_shifts (m, 3)``."""
+
+    volumes: torch.Tensor
+    classes: np.ndarray
+    rotations: torch.Tensor
+    shifts: torch.Tensor
+    tilt_range_degrees: float
+    snr: float
+    n_classes: int
+    pairs: np.ndarray
+    pair_rotations: torch.Tensor
+    pair_shifts: torch.Tensor
+
+
+@dataclass
+class MethodResult:
+    """What a method predicts: ``labels (n,)`` (or None) and/or the pose of each pair of the data set,
+    ``pair_rotations (m, 3, 3)`` / ``pair_shifts (m, 3)`` with target ~ transform(source, R, t) (or None)."""
+
+    labels: np.ndarray | None = None
+    pair_rotations: torch.Tensor | None = None
+    pair_shifts: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompareOptions:
+    snrs: tuple[float, ...] = PAPER_SNRS
+    structures: tuple[str, ...] = ("6zu5_ribosome", "4v8r_tric")
+    per_class: int = 10
+    pairs: int = 10
+    tilt_range_degrees: float = 60.0
+    box_size: int = 32
+    angular_step_degrees: float = 30.0
+    refine_steps: int = 4
+    mra_iterations: int = 3
+    pca_components: int = 10
+    seed: int = 0
+
+
+def pair_truth(rotations: torch.Tensor, shifts: torch.Tensor, pairs: np.ndarray):
+    """True pair poses from particle poses: ``target ~ transform(source, R_t R_s^T, t_t - R_t R_s^T t_s)``."""
+    src, tgt = torch.as_tensor(pairs[:, 0]), torch.as_tensor(pairs[:, 1])
+    inv_r, inv_t = invert_pose(rotations[src], shifts[src])
+    return compose_poses(inv_r, inv_t, rotations[tgt], shifts[tgt])
+
+
+def make_dataset(snr: float, options: CompareOptions, maps: list[torch.Tensor] | None = None) -> Dataset:
+    """Simulate one SNR level (seeded by ``options.seed``, so every level shares classes and poses)."""
+    from jimray.simulate.embedded import embedded_maps
+    from jimray.simulate.subtomogram import simulate_subtomograms
+
+    if maps is None:
+        maps = list(embedded_maps(box_size=options.box_size, names=list(options.structures)).values())
+    sim = simulate_subtomograms(maps, options.per_class, snr, options.tilt_range_degrees, seed=options.seed)
+    classes = sim.classes.cpu().numpy()
+    rng = np.random.default_rng(options.seed + 1)
+    pairs = []
+    while len(pairs) < options.pairs:
+        label = rng.integers(len(maps))
+        members = np.flatnonzero(classes == label)
+        if len(members) >= 2:
+            pairs.append(rng.choice(members, size=2, replace=False))
+    pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    pair_r, pair_t = pair_truth(sim.rotations, sim.shifts, pairs)
+    return Dataset(sim.volumes, classes, sim.rotations, sim.shifts, options.tilt_range_degrees, snr, len(maps),
+                   pairs, pair_r, pair_t)
+
+
+def classical_search_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+    """Constrained-CC search (:func:`jimray.baselines.search.align_pairs`) on every pair."""
+    from jimray.baselines.search import align_pairs
+
+    def run(ds: Dataset) -> MethodResult:
+        res = align_pairs(ds.volumes[ds.pairs[:, 0]], ds.volumes[ds.pairs[:, 1]], ds.tilt_range_degrees,
+                          ds.tilt_range_degrees, angular_step_degrees=options.angular_step_degrees,
+                          refine_steps=options.refine_steps)
+        return MethodResult(pair_rotations=res.rotations, pair_shifts=res.shifts)
+
+    return run
+
+
+def mra_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+    """MRA (:func:`jimray.baselines.mra.multi_reference_alignment`); pair poses composed from the particles'
+    poses relative to their class references (meaningful when both land in the same class)."""
+    from jimray.baselines.mra import multi_reference_alignment
+
+    def run(ds: Dataset) -> MethodResult:
+        res = multi_reference_alignment(ds.volumes, ds.tilt_range_degrees, ds.n_classes, options.mra_iterations,
+                                        angular_step_degrees=options.angular_step_degrees, seed=options.seed,
+                                        n_components=options.pca_components, refine_steps=options.refine_steps)
+        pair_r, pair_t = pair_truth(res.rotations, res.shifts, ds.pairs)
+        return MethodResult(labels=res.labels, pair_rotations=pair_r, pair_shifts=pair_t,
+                            extra={"changed_per_iteration": res.changed})
+
+    return run
+
+
+def pca_method(kind: str, options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+    """k-means or GMM on PCA of raw voxels (:mod:`jimray.baselines.pca_cluster`)."""
+    from jimray.baselines.pca_cluster import pca_gmm, pca_kmeans
+
+    fit = pca_kmeans if kind == "kmeans" else pca_gmm
+
+    def run(ds: Dataset) -> MethodResult:
+        return MethodResult(labels=fit(ds.volumes, ds.n_classes, n_components=options.pca_components,
+                                       seed=options.seed))
+
+    return run
+
+
+_EXTRA_METHODS: dict[str, Callable[[CompareOptions], Callable[[Dataset], MethodResult]]] = {}
+
+
+def register_method(name: str, factory: Callable[[CompareOptions], Callable[[Dataset], MethodResult]]) -> None:
+    """Add a method (e.g. Jim-Net): ``factory(options)`` returns ``method(dataset) -> MethodResult``."""
+    _EXTRA_METHODS[name] = factory
+
+
+def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], MethodResult]]:
+    """The registry: name -> ``method(dataset) -> MethodResult``."""
+    step = f"{options.angular_step_degrees:g} deg"
+    methods = {
+        f"constrained-CC search ({step})": classical_search_method(options),
+        f"MRA ({options.mra_iterations} it, {step})": mra_method(options),
+        "PCA + k-means": pca_method("kmeans", options),
+        "PCA + GMM": pca_method("gmm", options),
+    }
+    methods.update({name: factory(options) for name, factory in _EXTRA_METHODS.items()})
+    return methods
+
+
+def evaluate(name: str, ds: Dataset, result: MethodResult, seconds: float) -> dict:
+    """One record of :data:`COLUMNS` (errors over the pairs; clustering in percent; NaN where not predicted)."""
+    row = {"method": name, "snr": ds.snr, "n_subtomograms": len(ds.classes), "n_pairs": len(ds.pairs)}
+    nan = float("nan")
+    if result.pair_rotations is not None:
+        rot = rotation_error(ds.pair_rotations, result.pair_rotations)
+        tra = translation_error(ds.pair_shifts, result.pair_shifts)
+        row.update(rotation_error_mean=float(rot.mean()), rotation_error_std=float(rot.std()),
+                   translation_error_mean=float(tra.mean()), translation_error_std=float(tra.std()))
+    else:
+        row.update(rotation_error_mean=nan, rotation_error_std=nan, translation_error_mean=nan,
+                   translation_error_std=nan)
+    row["clustering_accuracy"] = (100.0 * clustering_accuracy(ds.classes, result.labels)
+                                  if result.labels is not None else nan)
+    per = len(ds.classes) if result.labels is not None else len(ds.pairs)
+    row["seconds_per_subtomogram"] = seconds / max(per, 1)
+    row["seconds"] = seconds
+    row.update(result.extra)
+    return row
+
+
+def run_compare(options: CompareOptions, only: list[str] | None = None) -> list[dict]:
+    """Every method (or those named in ``only``) on every SNR level, plus the paper's Jim-Net rows."""
+    from jimray.simulate.embedded import embedded_maps
+
+    maps = list(embedded_maps(box_size=options.box_size, names=list(options.structures)).values())
+    methods = build_methods(options)
+    if only:
+        unknown = [m for m in only if not any(m.lower() in name.lower() for name in methods)]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose among {list(methods)}")
+        methods = {k: v for k, v in methods.items() if any(m.lower() in k.lower() for m in only)}
+    rows = []
+    for snr in options.snrs:
+        ds = make_dataset(snr, options, maps)
+        for name, method in methods.items():
+            console.print(f"[bold]compare[/] snr={snr:g}: {name} on {len(ds.classes)} subtomograms ...")
+            with timer() as elapsed:
+                result = method(ds)
+            rows.append(evaluate(name, ds, result, elapsed()))
+            console.print({k: rows[-1][k] for k in COLUMNS})
+        if snr in PAPER_JIMNET:
+            acc, rot, tra = PAPER_JIMNET[snr]
+            rows.append({"method": "Jim-Net (paper)", "snr": snr, "rotation_error_mean": rot,
+                         "translation_error_mean": tra, "clustering_accuracy": acc})
+    return rows
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(s) for s in text.split(",") if s.strip())
+
+
+def register(bench_app: typer.Typer) -> None:
+    @bench_app.command("compare")
+    def compare(
+        snrs: str = typer.Option(",".join(f"{s:g}" for s in PAPER_SNRS), help="comma-separated SNR levels"),
+        structures: str = typer.Option("6zu5_ribosome,4v8r_tric", help="embedded structures (the classes)"),
+        per_class: int = typer.Option(10, help="subtomograms per structure and level"),
+        pairs: int = typer.Option(10, help="same-class pairs aligned per level"),
+        angular_step: float = typer.Option(30.0, help="classical search grid step, degrees"),
+        mra_iterations: int = typer.Option(3, help="MRA iterations"),
+        methods: str = typer.Option("", help="comma-separated substrings of method names to run (default all)"),
+        seed: int = typer.Option(0, help="simulation and method seed"),
+        out: str = typer.Option("benchmarks", help="folder for compare.json and compare.md"),
+    ) -> None:
+        """Classical alignment/clustering baselines vs Jim-Net's paper numbers on the SNR sweep (box 32, tilt 60)."""
+        opts = CompareOptions(snrs=_floats(snrs), structures=tuple(s.strip() for s in structures.split(",")),
+                              per_class=per_class, pairs=pairs, angular_step_degrees=angular_step,
+                              mra_iterations=mra_iterations, seed=seed)
+        rows = run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None)
+        note = (f"{len(opts.structures)} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
+                f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
+                "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
+                "pair search). Jim-Net rows are the paper's numbers, not measured here.\n\n")
+        md = note + markdown_table(rows, COLUMNS)
+        command = "jimray bench compare " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "jimray bench compare"
+        write_results(out, "compare", {"options": opts.__dict__, "rows": rows}, md, command)
+        typer.echo(md)
