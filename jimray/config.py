@@ -100,6 +100,72 @@ class OutputConfig(_Strict):
     dir: str = Field("runs/quickstart", description="run directory (config, metrics, checkpoints)")
 
 
+class SimulateTomogramsConfig(_Strict):
+    """Pipeline smoke variant: simulated tomograms of embedded structures instead of real ones (with the truth)."""
+
+    count: int = Field(1, ge=1, description="number of simulated tomograms")
+    shape: list[int] = Field(default_factory=lambda: [64, 160, 160], min_length=3, max_length=3,
+                             description="tomogram size z, y, x (voxels); each at least data.box_size")
+    particles_per_tomogram: int = Field(24, ge=1)
+    snr: float = Field(0.1, gt=0, description="var(signal in a particle box) / var(noise); .inf = no noise")
+    seed: int = Field(0, description="tomogram i uses seed + i")
+    structures: list[str] | None = Field(None, description="embedded structure names; None = all six")
+    min_distance_voxels: float | None = Field(None, gt=0, description="between particle centres; None = box")
+
+
+class PickStageConfig(_Strict):
+    """``jimray pick`` settings (difference of Gaussians, :mod:`jimray.pick.dog`)."""
+
+    particle_diameter_angstrom: float = Field(200.0, gt=0)
+    threshold: float = Field(3.0, description="peak threshold in noise-std units of the DoG map")
+    edge_margin_voxels: float = Field(0.0, ge=0, description="ignore peaks this close to a face")
+    min_distance_voxels: float | None = Field(None, gt=0, description="between picks; None = particle radius")
+    invert: bool = Field(False, description="particles are dark (raw cryo-ET contrast)")
+
+
+class ExtractStageConfig(_Strict):
+    """``jimray extract`` settings; box and tilt range default to (and must agree with) the data section."""
+
+    box: int | None = Field(None, ge=4, description="box edge in voxels; None = data.box_size")
+    tilt_range_degrees: float | None = Field(None, gt=0, le=90, description="None = data.tilt_range_degrees")
+    rows_per_shard: int = Field(256, ge=1)
+
+
+class PredictStageConfig(_Strict):
+    """``jimray predict`` settings."""
+
+    actors: int = Field(2, ge=1, description="model actors (one GPU each when there are GPUs)")
+    batch_size: int = Field(16, ge=1)
+    iterations: int = Field(2, ge=0, description="template align-and-average iterations")
+
+
+class AverageStageConfig(_Strict):
+    """``jimray average`` settings (gold-standard half maps, FSC, report.html)."""
+
+    iterations: int = Field(3, ge=0, description="template refinement iterations per half")
+    angular_step_degrees: float = Field(30.0, gt=0)
+    refine: bool = Field(True, description="refine the predicted poses; False = average under them as they are")
+
+
+class PipelineConfig(_Strict):
+    """``jimray run``: tomograms -> pick -> extract -> train -> predict -> average (:mod:`jimray.pipeline`).
+    Give either ``tomograms`` (MRC paths or globs) or ``simulate_tomograms``."""
+
+    simulate_tomograms: SimulateTomogramsConfig | None = None
+    tomograms: list[str] = Field(default_factory=list, description="MRC paths or globs (relative: to the cwd)")
+    pick: PickStageConfig = Field(default_factory=PickStageConfig)
+    extract: ExtractStageConfig = Field(default_factory=ExtractStageConfig)
+    predict: PredictStageConfig = Field(default_factory=PredictStageConfig)
+    average: AverageStageConfig = Field(default_factory=AverageStageConfig)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PipelineConfig:
+        if (self.simulate_tomograms is None) == (not self.tomograms):
+            raise ValueError("give either pipeline.tomograms (MRC paths or globs) or pipeline.simulate_tomograms, "
+                             "not both and not neither")
+        return self
+
+
 class JobConfig(_Strict):
     """A whole training job, as written in ``jobs/*.yaml``."""
 
@@ -110,6 +176,18 @@ class JobConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    pipeline: PipelineConfig | None = Field(None, description="stages of `jimray run`; None = training only")
+
+    @model_validator(mode="after")
+    def _pipeline_geometry(self) -> JobConfig:
+        extract = self.pipeline.extract if self.pipeline is not None else None
+        if extract is not None and extract.box not in (None, self.data.box_size):
+            raise ValueError(f"pipeline.extract.box is {extract.box} but data.box_size is {self.data.box_size}: "
+                             "the model trains on data.box_size boxes; make them equal or drop pipeline.extract.box")
+        if extract is not None and extract.tilt_range_degrees not in (None, self.data.tilt_range_degrees):
+            raise ValueError(f"pipeline.extract.tilt_range_degrees is {extract.tilt_range_degrees} but "
+                             f"data.tilt_range_degrees is {self.data.tilt_range_degrees}; make them equal or drop it")
+        return self
 
     @model_validator(mode="after")
     def _gamma_per_stage(self) -> JobConfig:

@@ -10,7 +10,13 @@ import torch
 
 from jimray.baselines.mra import multi_reference_alignment
 from jimray.baselines.pca_cluster import pca_gmm, pca_kmeans
-from jimray.baselines.search import align_pairs, align_to_reference, local_rotation_grid, so3_grid
+from jimray.baselines.search import (
+    align_pairs,
+    align_to_reference,
+    fourier_crop,
+    local_rotation_grid,
+    so3_grid,
+)
 from jimray.conventions import (
     MAX_ROTATION_ERROR,
     clustering_accuracy,
@@ -162,6 +168,23 @@ def test_reported_score_is_constrained_ccc_at_the_pose(rng):
         assert torch.allclose(res.scores, constrained_ccc(moved, targets, mask), atol=1e-4)
 
 
+def test_coarse_binning_recovers_pose_and_fourier_crop_keeps_low_frequencies(rng):
+    ref = blobs(24, rng, k=7)
+    parts, rot, shift = posed_particles(ref, 2, rng)
+    res = align_to_reference(parts, ref, 60.0, 90.0, coarse_binning=2, refine_steps=3)
+    assert np.all(angle_degrees(rot, res.rotations) < 30.0)
+    assert np.all(translation_error(shift, res.shifts) < 1.0)
+    # a volume band-limited below the binned Nyquist is binned without aliasing: every 2nd voxel exactly
+    freq = torch.fft.fftfreq(24).abs()
+    keep = (freq[:, None, None] < 0.25) & (freq[None, :, None] < 0.25) & (freq[None, None, :] < 0.25)
+    band_limited = torch.fft.ifftn(torch.fft.fftn(ref) * keep).real
+    small = fourier_crop(band_limited[None], 2)[0]
+    assert small.shape == (12, 12, 12)
+    assert torch.allclose(small, band_limited[::2, ::2, ::2], atol=1e-5)
+    with pytest.raises(ValueError, match="coarse_binning"):
+        align_to_reference(parts, ref, coarse_binning=4)  # 0.25 * 4 > 0.5
+
+
 def test_batched_equals_loop(rng):
     ref = blobs(12, rng)
     parts, _, _ = posed_particles(ref, 3, rng, max_shift=1.0)
@@ -200,6 +223,8 @@ def test_mra_separates_two_structures(rng):
                                     refine_steps=1)
     assert clustering_accuracy(np.array(truth), res.labels) == 1.0
     assert res.references.shape == (2, size, size, size) and res.rotations.shape == (10, 3, 3)
+    with pytest.raises(ValueError, match="init_references"):
+        multi_reference_alignment(particles, 60.0, 2, iterations=1, init_references="template")
 
 
 def test_pca_clustering_separates_unrotated_classes(rng):
@@ -211,3 +236,16 @@ def test_pca_clustering_separates_unrotated_classes(rng):
     assert clustering_accuracy(truth, pca_gmm(vols, 2, n_components=2, seed=0, covariance_type="diag")) == 1.0
     with pytest.raises(ValueError, match="n_classes"):
         pca_kmeans(vols, 20)
+
+
+@pytest.mark.gpu
+def test_search_and_mra_on_cuda_match_cpu(rng):
+    ref = blobs(16, rng)
+    parts, _, _ = posed_particles(ref, 2, rng, max_shift=1.0)
+    opts = dict(angular_step_degrees=45.0, refine_steps=2)
+    cpu = align_to_reference(parts, ref, 60.0, 90.0, **opts)
+    gpu = align_to_reference(parts.cuda(), ref.cuda(), 60.0, 90.0, **opts)
+    assert gpu.rotations.is_cuda
+    assert torch.allclose(gpu.scores.cpu(), cpu.scores, atol=1e-3)
+    res = multi_reference_alignment(parts.cuda(), 60.0, 1, iterations=1, angular_step_degrees=60.0, refine_steps=1)
+    assert res.references.is_cuda and res.labels.shape == (2,)

@@ -141,7 +141,7 @@ def test_predict_writes_star_references_and_report(ray_cluster, run_dir, dataset
     shards, volumes = dataset
     out = tmp_path / "pred"
     messages: list[str] = []
-    summary = predict(run_dir, shards, out, actors=2, batch_size=4, iterations=1, progress=messages.append)
+    summary = predict(run_dir, shards, out, actors=1, batch_size=4, iterations=1, progress=messages.append)
     assert summary.n_particles == 12 and sum(summary.cluster_sizes) == 12
     assert any("template iteration 1/1" in m for m in messages)
     star = starfile.read(out / "particles.star", always_dict=True)

@@ -1,7 +1,8 @@
 """Multi-reference alignment (MRA) as Dynamo / STOPGAP / RELION users run it on subtomograms.
 
-``K`` references are initialised (wedge-aware class averages of a k-means on PCA of the raw particles, or of
-random disjoint subsets); then each iteration
+``K`` references are initialised from a starting partition (k-means on PCA of the raw particles, or random
+disjoint subsets): one particle of each part (default) or each part's unaligned wedge-aware average; then each
+iteration
 
 1. aligns every particle to every reference with the constrained-CC search of
    :func:`jimray.baselines.search.align_to_reference` (references are wedge-compensated averages, so their
@@ -67,6 +68,25 @@ def _initial_labels(particles, n_classes: int, init: str, seed: int, n_component
     raise ValueError(f"init must be 'pca_kmeans' or 'random', got {init!r}")
 
 
+def _initial_references(particles, tilts, labels, n_classes, kind: str, seed: int, wiener_floor: float):
+    """Starting references ``(K, d, h, w)`` and their tilt ranges from a partition ``labels``."""
+    if kind == "average":
+        n = particles.shape[0]
+        eye = torch.eye(3, dtype=particles.dtype, device=particles.device).expand(n, 3, 3)
+        zero = torch.zeros(n, 3, dtype=particles.dtype, device=particles.device)
+        return _class_averages(particles, tilts, labels, eye, zero, n_classes, wiener_floor), [90.0] * n_classes
+    if kind != "particle":
+        raise ValueError(f"init_references must be 'particle' or 'average', got {kind!r}")
+    rng = np.random.default_rng(seed)
+    picks = []
+    for k in range(n_classes):
+        members = np.flatnonzero(labels == k)
+        if len(members) == 0:
+            raise ValueError(f"class {k} has no particle at initialisation; use fewer classes")
+        picks.append(int(rng.choice(members)))
+    return particles[picks].clone(), [float(tilts[i]) for i in picks]
+
+
 def multi_reference_alignment(
     particles,
     tilt_range_degrees,
@@ -76,6 +96,7 @@ def multi_reference_alignment(
     angular_step_degrees: float = 30.0,
     seed: int = 0,
     init: str = "pca_kmeans",
+    init_references: str = "particle",
     initial_references=None,
     n_components: int = 10,
     wiener_floor: float = 1.0,
@@ -85,8 +106,11 @@ def multi_reference_alignment(
     """Classify and align ``particles`` ``(n, d, h, w)`` (tilt ranges: a number or ``(n,)`` degrees) into
     ``n_classes`` classes with ``iterations`` rounds of MRA (see the module docstring).
 
-    ``init``: ``"pca_kmeans"`` (class averages of k-means on PCA of the raw voxels) or ``"random"`` (averages
-    of random disjoint subsets); ``initial_references`` ``(K, d, h, w)`` overrides it. ``search_options`` go
+    ``init``: the starting partition, ``"pca_kmeans"`` (k-means on PCA of the raw voxels) or ``"random"``
+    (random disjoint subsets). ``init_references``: ``"particle"`` (one seeded random member of each part, with
+    its own wedge: alignment to a real particle gives consistent poses, so the next average is sharp) or
+    ``"average"`` (wedge-weighted average of each part, unaligned: nearly featureless, so MRA tends to stay at
+    a blurred fixed point). ``initial_references`` ``(K, d, h, w)`` (no wedge) overrides both. ``search_options`` go
     to :func:`jimray.baselines.search.align_to_reference` (``refine_steps``, ``max_shift_voxels``,
     ``lowpass_cycles_per_voxel``, ``subvoxel``, ``chunk_size``).
     """
@@ -102,20 +126,19 @@ def multi_reference_alignment(
     tilts = tilts.expand(n).contiguous() if tilts.numel() == 1 else tilts
     if tilts.shape != (n,):
         raise ValueError(f"tilt_range_degrees must be a number or have shape ({n},), got {tuple(tilts.shape)}")
-    eye = torch.eye(3, dtype=particles.dtype, device=particles.device).expand(n, 3, 3)
-    zero = torch.zeros(n, 3, dtype=particles.dtype, device=particles.device)
     if initial_references is not None:
         refs = torch.as_tensor(initial_references, dtype=particles.dtype, device=particles.device)
         if refs.shape != (n_classes, *shape):
             raise ValueError(f"initial_references must be ({n_classes}, {shape}), got {tuple(refs.shape)}")
-        labels = np.full(n, -1, dtype=np.int64)
+        labels, ref_tilts = np.full(n, -1, dtype=np.int64), [90.0] * n_classes
     else:
         labels = _initial_labels(particles, n_classes, init, seed, n_components)
-        refs = _class_averages(particles, tilts, labels, eye, zero, n_classes, wiener_floor)
+        refs, ref_tilts = _initial_references(particles, tilts, labels, n_classes, init_references, seed,
+                                              wiener_floor)
     changed: list[int] = []
     for _ in range(iterations):
         results = [
-            align_to_reference(particles, refs[k], tilts, 90.0, angular_step_degrees=angular_step_degrees,
+            align_to_reference(particles, refs[k], tilts, ref_tilts[k], angular_step_degrees=angular_step_degrees,
                                progress=progress, **search_options)
             for k in range(n_classes)
         ]
@@ -125,6 +148,7 @@ def multi_reference_alignment(
         labels = new_labels
         rot, shift, score = _gather(results, best)
         refs = _class_averages(particles, tilts, labels, rot, shift, n_classes, wiener_floor, previous=refs)
+        ref_tilts = [90.0] * n_classes  # wedge-compensated averages from here on
     return MRAResult(labels=labels, rotations=rot, shifts=shift, references=refs, scores=score, changed=changed)
 
 

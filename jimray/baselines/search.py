@@ -228,6 +228,7 @@ def align_pairs(
     subvoxel: bool = True,
     chunk_size: int = 128,
     rotated_wedge_threshold: float = 0.5,
+    coarse_binning: int | None = None,
     progress: bool = False,
 ) -> AlignmentResult:
     """Pose ``(R, t)`` per pair with ``target ~ transform_volumes(source, R, t)`` (jimray/RELION sense).
@@ -239,7 +240,11 @@ def align_pairs(
     ``rotated_wedge_threshold``: the interpolated rotated source wedge counts as measured above this value
     (0.5 = :func:`jimray.fourier.ccc.alignment_mask`; a value near 1 erodes it, which keeps the content of
     the source's missing wedge, spread by the real-space rotation, out of the score: with wedged sources the
-    score at the true pose rises from about 0.95 to 0.98). Returns tensors on the device of ``targets``.
+    score at the true pose rises from about 0.95 to 0.98). ``coarse_binning``: the global grid search runs
+    on volumes Fourier-cropped by this factor (lossless for the score's frequencies when
+    ``lowpass * binning <= 0.5``; only the trilinear rotation sees the coarser sampling; shifts on a
+    ``binning``-voxel lattice, then sub-voxel), the local refinement at full sampling; ``None`` picks 2 when
+    ``lowpass <= 0.25`` and the box is at least 24, else 1. Returns tensors on the device of ``targets``.
     """
     targets = _check_volumes(targets, "targets")
     sources = torch.as_tensor(sources)
@@ -260,14 +265,20 @@ def align_pairs(
     max_shift = min(shape) / 4.0 if max_shift_voxels is None else float(max_shift_voxels)
     if not 0.0 <= rotated_wedge_threshold < 1.0:
         raise ValueError(f"rotated_wedge_threshold must lie in [0, 1), got {rotated_wedge_threshold}")
+    binning = _coarse_binning(coarse_binning, shape, lowpass_cycles_per_voxel)
     searcher = _Searcher(targets, t_tilt, sources, s_tilt, lowpass_cycles_per_voxel, max_shift, subvoxel, chunk_size,
                          rotated_wedge_threshold)
+    coarse = searcher if binning == 1 else _Searcher(
+        fourier_crop(targets, binning), t_tilt, fourier_crop(sources, binning), s_tilt,
+        lowpass_cycles_per_voxel * binning, max_shift / binning, subvoxel, chunk_size, rotated_wedge_threshold)
     grid = so3_grid(angular_step_degrees, device=targets.device, dtype=targets.dtype)
+    idx = torch.arange(n, device=targets.device)
     with _progress(progress, grid.shape[0] + refine_steps * 27, "constrained-CC search") as advance:
-        scores, shifts = searcher.score(grid.unsqueeze(0), advance)
+        scores, shifts = coarse.score(grid.unsqueeze(0), advance)
         best = scores.argmax(dim=1)
-        idx = torch.arange(n, device=targets.device)
         rot, shift, score = grid[best], shifts[idx, best], scores[idx, best]
+        if binning > 1:  # re-score the coarse winner at full sampling
+            score, shift = (x[:, 0] for x in searcher.score(rot.unsqueeze(1)))
         for step in range(refine_steps):
             local = local_rotation_grid(angular_step_degrees / 2.0 ** (step + 1), targets.device, targets.dtype)
             candidates = local.unsqueeze(0) @ rot.unsqueeze(1)  # (n, 27, 3, 3)
@@ -275,6 +286,29 @@ def align_pairs(
             best = scores.argmax(dim=1)
             rot, shift, score = candidates[idx, best], shifts[idx, best], scores[idx, best]
     return AlignmentResult(rotations=rot, shifts=shift, scores=score)
+
+
+def fourier_crop(volumes: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bin ``(b, d, h, w)`` volumes by ``factor`` by keeping the central ``(d, h, w) // factor`` frequencies
+    (box centres ``N // 2`` stay aligned; values are rescaled to keep the mean)."""
+    if factor == 1:
+        return volumes
+    shape = tuple(volumes.shape[-3:])
+    small = tuple(n // factor for n in shape)
+    spectrum = torch.fft.fftshift(torch.fft.fftn(volumes, dim=_DIMS), dim=_DIMS)
+    crop = tuple(slice(n // 2 - m // 2, n // 2 - m // 2 + m) for n, m in zip(shape, small, strict=True))
+    cropped = torch.fft.ifftshift(spectrum[(..., *crop)], dim=_DIMS)
+    scale = math.prod(small) / math.prod(shape)
+    return torch.fft.ifftn(cropped, dim=_DIMS).real.to(volumes.dtype) * scale
+
+
+def _coarse_binning(requested: int | None, shape: tuple[int, int, int], lowpass: float) -> int:
+    if requested is None:
+        return 2 if lowpass <= 0.25 and min(shape) >= 24 else 1
+    if requested < 1 or lowpass * requested > 0.5 + 1e-9 or min(shape) // requested < 4:
+        raise ValueError(f"coarse_binning must be >= 1 with lowpass * binning <= 0.5 and a binned box >= 4, got "
+                         f"{requested} (lowpass {lowpass}, box {shape})")
+    return int(requested)
 
 
 def align_to_reference(

@@ -15,6 +15,7 @@ paper are printed alongside for reference.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -255,4 +256,61 @@ def register(bench_app: typer.Typer) -> None:
         md = note + markdown_table(rows, COLUMNS)
         command = "jimray bench compare " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "jimray bench compare"
         write_results(out, "compare", {"options": opts.__dict__, "rows": rows}, md, command)
+        typer.echo(md)
+
+    register_speed(bench_app)
+
+
+def search_speed(steps: tuple[float, ...], binnings: tuple[int, ...], pairs: int, box_size: int = 32,
+                 snr: float = 0.1, seed: int = 0) -> list[dict]:
+    """Wall seconds per pair (:func:`align_pairs`, both wedged) and per particle against one shared reference
+    (:func:`align_to_reference`, the MRA inner loop) of the constrained-CC search, with accuracy."""
+    from jimray.baselines.search import align_pairs, align_to_reference, so3_grid
+
+    opts = CompareOptions(structures=("6zu5_ribosome",), per_class=2 * pairs, pairs=pairs, box_size=box_size,
+                          seed=seed)
+    from jimray.simulate.embedded import embedded_maps
+
+    reference = next(iter(embedded_maps(box_size=box_size, names=list(opts.structures)).values()))
+    ds = make_dataset(snr, opts, [reference])
+    src, tgt = ds.volumes[ds.pairs[:, 0]], ds.volumes[ds.pairs[:, 1]]
+    parts = ds.volumes[:pairs]
+    rows = []
+    for step in steps:
+        for binning in binnings:
+            kw = dict(angular_step_degrees=step, coarse_binning=binning)
+            with timer() as t_pair:
+                res = align_pairs(src, tgt, 60.0, 60.0, **kw)
+            with timer() as t_ref:
+                ref_res = align_to_reference(parts, reference, 60.0, 90.0, **kw)
+            rows.append({
+                "box": box_size, "snr": snr, "angular_step_degrees": step, "coarse_binning": binning,
+                "rotations": int(so3_grid(step).shape[0]), "refine_rotations": 4 * 27, "n": pairs,
+                "seconds_per_pair": t_pair() / pairs, "seconds_per_particle_shared_reference": t_ref() / pairs,
+                "pair_rotation_error_mean": float(rotation_error(ds.pair_rotations, res.rotations).mean()),
+                "reference_rotation_error_mean": float(rotation_error(ds.rotations[:pairs], ref_res.rotations).mean()),
+                "torch_threads": torch.get_num_threads(),
+            })
+            console.print(rows[-1])
+    return rows
+
+
+def register_speed(bench_app: typer.Typer) -> None:
+    @bench_app.command("compare-speed")
+    def compare_speed(
+        steps: str = typer.Option("30,15", help="angular steps of the global grid, degrees"),
+        binnings: str = typer.Option("1,2", help="coarse-stage Fourier binning factors to time"),
+        pairs: int = typer.Option(2, help="pairs (and particles) timed per setting"),
+        box: int = typer.Option(32, help="box size"),
+        threads: int = typer.Option(0, help="torch threads (0 = default)"),
+        out: str = typer.Option("benchmarks", help="folder for compare_speed.json and .md"),
+    ) -> None:
+        """Per-pair CPU/GPU time of the classical constrained-CC search (SNR 0.1, tilt 60, ribosome)."""
+        if threads > 0:
+            torch.set_num_threads(threads)
+        rows = search_speed(_floats(steps), tuple(int(b) for b in _floats(binnings)), pairs, box)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        md = f"Load average at the end: {load:.1f}.\n\n" + markdown_table(rows, list(rows[0]))
+        args = " ".join(sys.argv[3:])
+        write_results(out, "compare_speed", {"rows": rows}, md, f"jimray bench compare-speed {args}".strip())
         typer.echo(md)

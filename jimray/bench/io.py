@@ -5,7 +5,7 @@ In a temporary folder: ``n`` random ``box``^3 float32 volumes as single MRC file
 1. ingest (``jimray.io.ingest.ingest_star``: check + convert to Parquet shards), subtomograms/s and MB/s;
 2. Ray Data read of the Parquet shards and of the MRC files (``read_subtomograms``, every batch iterated);
 3. the physical limit in the same run: a plain sequential ``open().read()`` of the same bytes (Parquet files,
-   MRC files).
+   MRC files), and, between the two, the Parquet decode alone (``read_shard``, pyarrow, no Ray).
 
 Files are freshly written, so all reads come from the page cache (the bench does not drop caches on a shared
 machine); the raw read is therefore a memory-bandwidth limit, the strictest comparison for Ray Data. Each Ray
@@ -75,6 +75,16 @@ def ray_read_seconds(path: Path, batch_size: int, repeats: int = 2) -> tuple[flo
     return best
 
 
+def decode_seconds(files: list[Path]) -> float:
+    """Sequential :func:`jimray.io.shards.read_shard` (Parquet decode to numpy, no Ray) of every shard."""
+    from jimray.io.shards import read_shard
+
+    with timer() as t:
+        for f in files:
+            read_shard(f, columns=["id", "volume"])
+    return t()
+
+
 def _start_ray():
     import ray
 
@@ -113,6 +123,7 @@ def run(n: int, box: int, rows_per_shard: int, batch_size: int, workdir: Path, p
     shard_files = list_shards(workdir / "shards")
     raw_mrc_s, mrc_bytes = raw_read_seconds(mrc_files)
     raw_pq_s, pq_bytes = raw_read_seconds(shard_files)
+    decode_pq_s = decode_seconds(shard_files)
     started = _start_ray()
     try:
         ray_pq_s, first_pq_s, rows_pq, first_rows_pq = ray_read_seconds(workdir / "shards", batch_size)
@@ -129,6 +140,7 @@ def run(n: int, box: int, rows_per_shard: int, batch_size: int, workdir: Path, p
     rows = [
         _row("ingest MRC -> Parquet (check + convert)", n, mrc_bytes, ingest_s),
         _row("raw read, Parquet files (open().read())", n, pq_bytes, raw_pq_s),
+        _row("pyarrow decode, Parquet shards (read_shard, no Ray)", n, pq_bytes, decode_pq_s, raw_pq_s),
         _row("Ray Data read, Parquet shards (whole pass)", n, pq_bytes, ray_pq_s, raw_pq_s),
         _row("Ray Data read, Parquet shards (after 1st batch)", rest_pq, pq_bytes * rest_pq / n, steady_pq_s,
              raw_pq_s * rest_pq / n),

@@ -12,6 +12,7 @@ Speed: training and inference pairs/s at box 32 for batch 8 and 32, parameter co
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def speed(config: ModelConfig, box_size: int, batch_size: int, device, reps: int = 5) -> dict:
+def speed(config: ModelConfig, box_size: int, batch_size: int, device, reps: int = 3) -> dict:
     """Training and inference pairs/s of random pairs (alignment-only loss), after one warm-up step."""
     torch.manual_seed(0)
     model = JimNet(config, 4).to(device)
@@ -268,6 +269,14 @@ def run(s: LearningSettings, devices: list[str], curve_path: Path, progress=None
     return results, markdown(learning, rows, flops, s, str(curve_path))
 
 
+def _show_eval(console, row: dict, out: Path) -> None:
+    """Print an evaluation row and append it to ``out/model_partial.jsonl`` (kept if the run is stopped)."""
+    console.print({k: round(v, 3) for k, v in row.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model_partial.jsonl", "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def register(bench_app: typer.Typer) -> None:
     @bench_app.command("model")
     def model_bench(
@@ -297,6 +306,6 @@ def register(bench_app: typer.Typer) -> None:
         with Progress() as bar:
             task = bar.add_task("training", total=steps)
             results, md = run(s, devices[::-1], out / "model_curve.png", lambda i: bar.update(task, completed=i),
-                              lambda row: bar.console.print({k: round(v, 3) for k, v in row.items()}))
+                              lambda row: _show_eval(bar.console, row, out))
         write_results(out, "model", results, md, command)
         typer.echo(md)

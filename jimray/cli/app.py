@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "jimray.cli.pick",
     "jimray.cli.extract",
     "jimray.cli.bench",
+    "jimray.cli.pipeline",
 ]
 
 app = typer.Typer(

@@ -17,6 +17,7 @@ BENCH_MODULES = [
     "jimray.bench.predict",
     "jimray.bench.compare",
     "jimray.bench.pick",
+    "jimray.bench.capacity",
 ]
 
 bench_app = typer.Typer(help="Benchmarks: measured numbers for BENCHMARKS.md.", no_args_is_help=True)

@@ -127,7 +127,8 @@ class PosePredictor:
     def __init__(self, run, references, labels=None):
         self.run = TrainedRun.from_payload(_resolve(run), _device())
         refs = _resolve(references)
-        self.references = None if refs is None else torch.as_tensor(np.asarray(refs, np.float32), device=_device())
+        device = _device()
+        self.references = None if refs is None else torch.tensor(np.asarray(refs), dtype=torch.float32, device=device)
         self.table: LabelTable | None = _resolve(labels)
 
     def labels_of(self, batch: dict) -> tuple[np.ndarray, np.ndarray | None]:

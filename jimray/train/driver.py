@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import ray
+import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -32,7 +33,6 @@ def init_ray() -> None:
     """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # an existing cluster: never pass resource arguments
     else:
@@ -58,12 +58,20 @@ def prepare_data(config: JobConfig, run_dir: Path) -> Path:
     return shards
 
 
+def quiet_data_progress() -> None:
+    """Training prints one line per round; Ray Data's per-epoch bars inside the workers would drown it."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 def build_dataset(config: JobConfig, data_path: Path):
     """Ray Data stream of subtomograms (id, volume, tilt_range_degrees[, true_class], ...) for the trainer.
 
     Workers iterate numpy batches and pick the columns they need by name, so no schema pass is needed here.
     """
     d = config.data
+    quiet_data_progress()
     return read_subtomograms(data_path, box_size=d.box_size, voxel_size_angstrom=d.voxel_size_angstrom,
                              normalize=d.normalize)
 
