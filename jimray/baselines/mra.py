@@ -5,8 +5,8 @@ disjoint subsets): one particle of each part (default) or each part's unaligned 
 iteration
 
 1. aligns every particle to every reference with the constrained-CC search of
-   :func:`jimray.baselines.search.align_to_reference` (references are wedge-compensated averages, so their
-   tilt range is 90 = no wedge);
+   :func:`jimray.baselines.search.align_to_reference` (a starting particle reference carries its own wedge;
+   the averages are wedge-compensated, tilt range 90 = no wedge);
 2. assigns each particle to the reference with the best score;
 3. re-averages each class in the reference frame, missing-wedge aware
    (:func:`jimray.average.wedge_average.wedge_weighted_average`: each particle brought back with the inverse

@@ -246,6 +246,28 @@ def align_pairs(
     ``binning``-voxel lattice, then sub-voxel), the local refinement at full sampling; ``None`` picks 2 when
     ``lowpass <= 0.25`` and the box is at least 24, else 1. Returns tensors on the device of ``targets``.
     """
+    targets, sources, t_tilt, s_tilt = _prepare_pairs(sources, targets, source_tilt_range_degrees,
+                                                      target_tilt_range_degrees)
+    shape = tuple(targets.shape[-3:])
+    if refine_steps < 0 or chunk_size < 1:
+        raise ValueError(f"refine_steps must be >= 0 and chunk_size >= 1, got {refine_steps}, {chunk_size}")
+    if not 0.0 <= rotated_wedge_threshold < 1.0:
+        raise ValueError(f"rotated_wedge_threshold must lie in [0, 1), got {rotated_wedge_threshold}")
+    max_shift = min(shape) / 4.0 if max_shift_voxels is None else float(max_shift_voxels)
+    binning = _coarse_binning(coarse_binning, shape, lowpass_cycles_per_voxel)
+    searcher = _Searcher(targets, t_tilt, sources, s_tilt, lowpass_cycles_per_voxel, max_shift, subvoxel, chunk_size,
+                         rotated_wedge_threshold)
+    coarse = searcher if binning == 1 else _Searcher(
+        fourier_crop(targets, binning), t_tilt, fourier_crop(sources, binning), s_tilt,
+        lowpass_cycles_per_voxel * binning, max_shift / binning, subvoxel, chunk_size, rotated_wedge_threshold)
+    grid = so3_grid(angular_step_degrees, device=targets.device, dtype=targets.dtype)
+    with _progress(progress, grid.shape[0] + refine_steps * 27, "constrained-CC search") as advance:
+        return _coarse_then_local(coarse, searcher, grid, angular_step_degrees, refine_steps, advance)
+
+
+def _prepare_pairs(sources, targets, source_tilts, target_tilts):
+    """Checked ``targets (n, ...)``, ``sources (1 or n, ...)`` and tilt ranges (``(1,)`` for a shared source
+    with one tilt range, else ``(n,)``; a shared source with per-pair tilts is expanded)."""
     targets = _check_volumes(targets, "targets")
     sources = torch.as_tensor(sources)
     sources = _check_volumes(sources.unsqueeze(0) if sources.ndim == 3 else sources, "sources")
@@ -254,37 +276,30 @@ def align_pairs(
     if tuple(sources.shape[-3:]) != shape or sources.shape[0] not in (1, n):
         raise ValueError(f"sources must be (d, h, w), (1, d, h, w) or ({n}, d, h, w) with box {shape}, "
                          f"got {tuple(sources.shape)}")
-    if refine_steps < 0 or chunk_size < 1:
-        raise ValueError(f"refine_steps must be >= 0 and chunk_size >= 1, got {refine_steps}, {chunk_size}")
-    t_tilt = _as_tilts(target_tilt_range_degrees, n, "target_tilt_range_degrees", targets.device)
-    s_tilt = _as_tilts(source_tilt_range_degrees, n, "source_tilt_range_degrees", targets.device)
+    t_tilt = _as_tilts(target_tilts, n, "target_tilt_range_degrees", targets.device)
+    s_tilt = _as_tilts(source_tilts, n, "source_tilt_range_degrees", targets.device)
     if sources.shape[0] == 1 and torch.all(s_tilt == s_tilt[0]):
         s_tilt = s_tilt[:1]
     elif sources.shape[0] == 1:
         sources = sources.expand(n, *shape)
-    max_shift = min(shape) / 4.0 if max_shift_voxels is None else float(max_shift_voxels)
-    if not 0.0 <= rotated_wedge_threshold < 1.0:
-        raise ValueError(f"rotated_wedge_threshold must lie in [0, 1), got {rotated_wedge_threshold}")
-    binning = _coarse_binning(coarse_binning, shape, lowpass_cycles_per_voxel)
-    searcher = _Searcher(targets, t_tilt, sources, s_tilt, lowpass_cycles_per_voxel, max_shift, subvoxel, chunk_size,
-                         rotated_wedge_threshold)
-    coarse = searcher if binning == 1 else _Searcher(
-        fourier_crop(targets, binning), t_tilt, fourier_crop(sources, binning), s_tilt,
-        lowpass_cycles_per_voxel * binning, max_shift / binning, subvoxel, chunk_size, rotated_wedge_threshold)
-    grid = so3_grid(angular_step_degrees, device=targets.device, dtype=targets.dtype)
-    idx = torch.arange(n, device=targets.device)
-    with _progress(progress, grid.shape[0] + refine_steps * 27, "constrained-CC search") as advance:
-        scores, shifts = coarse.score(grid.unsqueeze(0), advance)
+    return targets, sources, t_tilt, s_tilt
+
+
+def _coarse_then_local(coarse, searcher, grid, angular_step_degrees, refine_steps, advance) -> AlignmentResult:
+    """Global grid search (with ``coarse``, maybe binned), then shrinking 3x3x3 local grids at full sampling."""
+    n = searcher.targets_ft.shape[0]
+    idx = torch.arange(n, device=grid.device)
+    scores, shifts = coarse.score(grid.unsqueeze(0), advance)
+    best = scores.argmax(dim=1)
+    rot, shift, score = grid[best], shifts[idx, best], scores[idx, best]
+    if coarse is not searcher:  # re-score the coarse winner at full sampling
+        score, shift = (x[:, 0] for x in searcher.score(rot.unsqueeze(1)))
+    for step in range(refine_steps):
+        local = local_rotation_grid(angular_step_degrees / 2.0 ** (step + 1), grid.device, grid.dtype)
+        candidates = local.unsqueeze(0) @ rot.unsqueeze(1)  # (n, 27, 3, 3)
+        scores, shifts = searcher.score(candidates, advance)
         best = scores.argmax(dim=1)
-        rot, shift, score = grid[best], shifts[idx, best], scores[idx, best]
-        if binning > 1:  # re-score the coarse winner at full sampling
-            score, shift = (x[:, 0] for x in searcher.score(rot.unsqueeze(1)))
-        for step in range(refine_steps):
-            local = local_rotation_grid(angular_step_degrees / 2.0 ** (step + 1), targets.device, targets.dtype)
-            candidates = local.unsqueeze(0) @ rot.unsqueeze(1)  # (n, 27, 3, 3)
-            scores, shifts = searcher.score(candidates, advance)
-            best = scores.argmax(dim=1)
-            rot, shift, score = candidates[idx, best], shifts[idx, best], scores[idx, best]
+        rot, shift, score = candidates[idx, best], shifts[idx, best], scores[idx, best]
     return AlignmentResult(rotations=rot, shifts=shift, scores=score)
 
 

@@ -20,6 +20,7 @@ hold the raw bytes uncompressed); the sampler's label index is measured with a r
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -107,6 +108,7 @@ def estimate(job: JobConfig, n_subtomograms: int, peak_tflops: float, utilisatio
         cpu["train_per_hour"] = 3600.0 / (1 / cpu["inference_pairs_per_s"] + job.train.epochs_per_round /
                                           cpu["train_pairs_per_s"])
         cpu["predict_per_hour"] = 3600.0 * cpu["inference_pairs_per_s"] / 2.0
+        cpu["load_average_1min"] = os.getloadavg()[0]
         result["cpu"] = cpu
     return result
 
@@ -133,10 +135,11 @@ def markdown(r: dict) -> str:
     ]
     if "cpu" in r:
         cpu = r["cpu"]
-        lines.append(f"\nMeasured on this machine's CPU (same model, batch {cpu['batch']}): "
+        lines.append(f"\nMeasured on this machine's CPU (all its cores, one process; same model, batch {cpu['batch']}; "
+                     f"1-min load average {cpu['load_average_1min']:.1f} at the end): "
                      f"{cpu['train_pairs_per_s']:.3g} training pairs/s, {cpu['inference_pairs_per_s']:.3g} inference "
-                     f"pairs/s = {cpu['train_per_hour']:.3g} subtomograms per CPU-hour per training round and "
-                     f"{cpu['predict_per_hour']:.3g} per CPU-hour for prediction.\n")
+                     f"pairs/s = {cpu['train_per_hour']:.3g} subtomograms per machine-hour per training round and "
+                     f"{cpu['predict_per_hour']:.3g} per machine-hour for prediction (model only, no data loading).\n")
     lines += [
         f"\nA collection of {c['n_subtomograms']:,} subtomograms ({c['rounds']} rounds, K up to {c['k_max']}):\n",
         markdown_table([

@@ -162,6 +162,8 @@ def ingest_star(
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if not 0 <= tilt_range_degrees <= 90:
         raise ValueError(f"tilt range must lie in [0, 90] degrees, got {tilt_range_degrees}")
+    if out_dir.exists() and any(out_dir.glob("*.parquet")):  # fail before the (long) check, not after
+        raise FileExistsError(f"{out_dir}: already holds Parquet shards; pass an empty or new folder")
     table, specs, bad, box_size, voxel = _prepare(star_path, voxel_size_angstrom, progress)
     report = IngestReport(star_path, len(specs), box_size, voxel)
     names = [str(x) for x in table.particles["rlnImageName"]]
