@@ -61,8 +61,9 @@ class RunLayout:
 
     root: Path
 
-    def stage_dir(self, name: str) -> Path:
-        return self.root / name
+    def stage_dir(self, stage: str) -> Path:
+        """The folder a stage writes (``pick`` -> ``picks/``, ``extract`` -> ``particles/``, else its name)."""
+        return self.root / {"pick": "picks", "extract": "particles"}.get(stage, stage)
 
     tomograms = property(lambda self: self.root / "tomograms")
     picks = property(lambda self: self.root / "picks")
@@ -129,11 +130,13 @@ def stage_tomograms(job: JobConfig, lay: RunLayout, say: Say) -> dict:
     return {"tomograms": sim.count, "particles": sim.count * sim.particles_per_tomogram, "structures": list(maps)}
 
 
-def _truth_table(tomogram: Path) -> pd.DataFrame | None:
+def _truth_table(job: JobConfig, tomogram: Path) -> pd.DataFrame | None:
+    """The true particles of a simulated tomogram (None for real data)."""
     from jimray.io.star import read_particles
 
     star = tomogram.with_name(f"{tomogram.stem}_truth.star")
-    return read_particles(star).particles if star.is_file() else None
+    simulated = job.pipeline.simulate_tomograms is not None
+    return read_particles(star).particles if simulated and star.is_file() else None
 
 
 def _pick_radius_voxels(job: JobConfig, voxel: float) -> float:
@@ -161,7 +164,7 @@ def stage_pick(job: JobConfig, lay: RunLayout, say: Say) -> dict:
         table = coordinate_table(str(path), result.picks.coords_xyz, result.picks.scores)
         write_particles(lay.picks / f"{path.stem}_picks.star", table, result.voxel_size_angstrom)
         tables[str(path)], counts[path.name] = (table, result.voxel_size_angstrom), len(table)
-        truth = _truth_table(path)
+        truth = _truth_table(job, path)
         if truth is not None:
             score = match_picks(result.picks.coords_xyz, truth[COORDINATES].to_numpy(float),
                                 _pick_radius_voxels(job, result.voxel_size_angstrom))
@@ -211,7 +214,7 @@ def _extract_tomogram(job: JobConfig, lay: RunLayout, tomogram: Path, rows: pd.D
                for i, c in zip(rows.index[~inside], rows[COORDINATES].to_numpy(float)[~inside], strict=True)]
     if not inside.any():
         return 0, skipped
-    truth, kept = _truth_table(tomogram), rows[inside]
+    truth, kept = _truth_table(job, tomogram), rows[inside]
     if truth is not None:
         n_structures = len(pd.read_csv(lay.tomograms / "classes.csv"))
         truth = _pick_truth(kept, truth, _pick_radius_voxels(job, voxel), n_structures)

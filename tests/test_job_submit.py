@@ -71,7 +71,12 @@ def test_quickstart_through_ray_job_submit(head_node, tmp_path):
     sets = [arg for item in shrink for arg in ("--set", item)]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--", sys.executable, "-m", "jimray", "train",
            str(ROOT / "jobs" / "quickstart.yaml"), "--out", str(out), *sets]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.time() + 120
+    while True:  # the node's dashboard agent may still be starting: "No available agent to submit job"
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
     for name in ("config.yaml", "metrics.csv", "summary.json", "model/state.pt"):

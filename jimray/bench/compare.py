@@ -85,6 +85,10 @@ class CompareOptions:
     mra_iterations: int = 3
     pca_components: int = 10
     seed: int = 0
+    jimnet_rounds: int = 3  # Jim-Net (measured, jimray.bench.jimnet_method): training rounds per level
+    jimnet_epochs: int = 2  # epochs per round
+    jimnet_job: str | None = None  # job YAML ('{snr}' = the level) instead of the jobs/snr_*.yaml defaults
+    jimnet_overrides: tuple[str, ...] = ()  # extra --set strings for the Jim-Net job
 
 
 def pair_truth(rotations: torch.Tensor, shifts: torch.Tensor, pairs: np.ndarray):
@@ -168,6 +172,8 @@ def register_method(name: str, factory: Callable[[CompareOptions], Callable[[Dat
 
 def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], MethodResult]]:
     """The registry: name -> ``method(dataset) -> MethodResult``."""
+    import jimray.bench.jimnet_method  # noqa: F401  (registers "Jim-Net (measured)")
+
     step = f"{options.angular_step_degrees:g} deg"
     methods = {
         f"constrained-CC search ({step})": classical_search_method(options),
@@ -227,6 +233,24 @@ def run_compare(options: CompareOptions, only: list[str] | None = None) -> list[
     return rows
 
 
+def benchmark_records(rows: list[dict]) -> list[dict]:
+    """BENCHMARKS.json records (issue 6): one per (method, snr) with the :data:`COLUMNS` keys; NaN or missing
+    values become None (valid JSON); extra keys (e.g. ``train_seconds``, ``speedup_vs_search``) are kept."""
+    import math
+
+    def clean(v):
+        if isinstance(v, (float, np.floating)):
+            return float(v) if math.isfinite(v) else None
+        if isinstance(v, np.integer):
+            return int(v)
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    keys = ("train_seconds", "inference_seconds_per_pair", "speedup_vs_search", "n_subtomograms", "n_pairs")
+    return [{k: clean(r.get(k)) for k in COLUMNS} | {k: clean(r[k]) for k in keys if k in r} for r in rows]
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(s) for s in text.split(",") if s.strip())
 
@@ -243,19 +267,31 @@ def register(bench_app: typer.Typer) -> None:
         methods: str = typer.Option("", help="comma-separated substrings of method names to run (default all)"),
         seed: int = typer.Option(0, help="simulation and method seed"),
         out: str = typer.Option("benchmarks", help="folder for compare.json and compare.md"),
+        jimnet_rounds: int = typer.Option(3, help="Jim-Net (measured): training rounds per level"),
+        jimnet_epochs: int = typer.Option(2, help="Jim-Net (measured): epochs per round"),
+        jimnet_job: str = typer.Option("", help="Jim-Net job YAML ('{snr}' = the level); default jobs/snr_* settings"),
+        benchmarks_json: str = typer.Option("", help="also write the issue-6 records here (e.g. BENCHMARKS.json)"),
     ) -> None:
         """Classical alignment/clustering baselines vs Jim-Net's paper numbers on the SNR sweep (box 32, tilt 60)."""
         opts = CompareOptions(snrs=_floats(snrs), structures=tuple(s.strip() for s in structures.split(",")),
                               per_class=per_class, pairs=pairs, angular_step_degrees=angular_step,
-                              mra_iterations=mra_iterations, seed=seed)
-        rows = run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None)
+                              mra_iterations=mra_iterations, seed=seed, jimnet_rounds=jimnet_rounds,
+                              jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None)
+        from jimray.bench.jimnet_method import add_speedups, markdown_notes
+
+        rows = add_speedups(run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None))
         note = (f"{len(opts.structures)} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
                 f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
                 "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
-                "pair search). Jim-Net rows are the paper's numbers, not measured here.\n\n")
-        md = note + markdown_table(rows, COLUMNS)
+                "pair search). 'Jim-Net (paper)' rows are the paper's numbers, not measured here.\n\n")
+        md = note + markdown_notes(rows) + markdown_table(rows, COLUMNS)
         command = "jimray bench compare " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "jimray bench compare"
         write_results(out, "compare", {"options": opts.__dict__, "rows": rows}, md, command)
+        if benchmarks_json:
+            import json
+            from pathlib import Path
+
+            Path(benchmarks_json).write_text(json.dumps(benchmark_records(rows), indent=2, allow_nan=False) + "\n")
         typer.echo(md)
 
     register_speed(bench_app)

@@ -226,7 +226,7 @@ def plot_curve(curve: list[dict], path: Path, reference: float | None = 0.62) ->
     plt.close(fig)
 
 
-def markdown(learning: dict, speed_rows: list[dict], flops: dict, s: LearningSettings, curve_path: str) -> str:
+def learning_markdown(learning: dict, s: LearningSettings, curve_path: str) -> str:
     first, last = learning["curve"][0], learning["curve"][-1]
     text = (
         f"Learning check: structure `{s.structure}`, box {s.box_size}, SNR {s.snr}, tilt range "
@@ -240,23 +240,34 @@ def markdown(learning: dict, speed_rows: list[dict], flops: dict, s: LearningSet
         f"{first['translation_error_voxels']:.2f} -> {last['translation_error_voxels']:.2f} voxels. "
         f"Paper's Gum-Net at SNR 0.1: 0.62. Curve: `{curve_path}`.\n\n"
     )
-    text += markdown_table(learning["curve"], ["step", "pairs_seen", "seconds", "loss", "rotation_error",
-                                               "rotation_error_stage1", "translation_error_voxels"])  # fmt: skip
-    text += (
-        f"\nSpeed (box {s.box_size}; {learning['parameters']:,} parameters; counted FLOPs per pair: forward "
+    return text + markdown_table(learning["curve"], ["step", "pairs_seen", "seconds", "loss", "rotation_error",
+                                                     "rotation_error_stage1", "translation_error_voxels"])  # fmt: skip
+
+
+def speed_markdown(rows: list[dict], flops: dict, parameters: int, box_size: int, load: float) -> str:
+    text = (
+        f"Speed (box {box_size}; {parameters:,} parameters; counted FLOPs per pair: forward "
         f"{flops['forward_gflop']:.3f} GFLOP, training step {flops['train_step_gflop']:.3f} GFLOP, convolutions "
-        "and matmuls only):\n\n"
+        f"and matmuls only; 1-min load average {load:.1f} at the start):\n\n"
     )
     cols = ["device", "batch", "train_pairs_per_s", "inference_pairs_per_s", "train_tflops", "fraction_of_fp32_peak"]
-    return text + markdown_table(speed_rows, cols)
+    return text + markdown_table(rows, cols)
 
 
-def run(s: LearningSettings, devices: list[str], curve_path: Path, progress=None, on_eval=None) -> tuple[dict, str]:
-    """The whole benchmark: learning check on the first device, speed on each; returns (results, markdown)."""
-    load_before = os.getloadavg()[0]
-    learning = learning_check(s, devices[0], progress, on_eval)
-    learning["load_average_1min"] = [load_before, os.getloadavg()[0]]
-    plot_curve(learning["curve"], curve_path)
+def run(
+    s: LearningSettings, devices: list[str], curve_path: Path, progress=None, on_eval=None, learning: bool = True
+) -> tuple[dict, str]:
+    """The whole benchmark: learning check on the first device (unless ``learning`` is False), speed on each;
+    returns (results, markdown)."""
+    results: dict = {"settings": {k: v for k, v in vars(s).items() if k != "model"} | {"model": s.model.model_dump()}}
+    md = ""
+    if learning:
+        load_before = os.getloadavg()[0]
+        results["learning"] = learning_check(s, devices[0], progress, on_eval)
+        results["learning"]["load_average_1min"] = [load_before, os.getloadavg()[0]]
+        plot_curve(results["learning"]["curve"], curve_path)
+        md = learning_markdown(results["learning"], s, str(curve_path)) + "\n"
+    load = os.getloadavg()[0]
     flops = flops_per_pair(s.model, s.box_size)
     rows = []
     for device in devices:
@@ -264,9 +275,8 @@ def run(s: LearningSettings, devices: list[str], curve_path: Path, progress=None
             row = speed(s.model, s.box_size, batch, device)
             peak_ratio(row, flops)
             rows.append(row)
-    results = {"settings": {k: v for k, v in vars(s).items() if k != "model"} | {"model": s.model.model_dump()},
-               "learning": learning, "speed": rows, "flops": flops}  # fmt: skip
-    return results, markdown(learning, rows, flops, s, str(curve_path))
+    results |= {"speed": rows, "flops": flops, "parameters": parameter_count(JimNet(s.model, 1))}
+    return results, md + speed_markdown(rows, flops, results["parameters"], s.box_size, load)
 
 
 def _show_eval(console, row: dict, out: Path) -> None:
@@ -275,6 +285,18 @@ def _show_eval(console, row: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "model_partial.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
+
+
+def _settings(steps: int, batch_size: int, eval_every: int, eval_pairs: int, lr: float, structure: str):
+    from jimray.cli.errors import UserError
+    from jimray.simulate.embedded import embedded_structure_names
+
+    if min(steps, batch_size, eval_every, eval_pairs) < 1:
+        raise UserError("--steps, --batch-size, --eval-every and --eval-pairs must all be >= 1")
+    if structure not in embedded_structure_names():
+        raise UserError(f"--structure {structure} is unknown: choose one of {embedded_structure_names()}")
+    return LearningSettings(structure=structure, steps=steps, batch_size=batch_size, eval_every=eval_every,
+                            eval_pairs=eval_pairs, lr=lr)  # fmt: skip
 
 
 def register(bench_app: typer.Typer) -> None:
@@ -287,25 +309,19 @@ def register(bench_app: typer.Typer) -> None:
         lr: float = typer.Option(1e-3, help="Adam learning rate"),
         structure: str = typer.Option("6zu5_ribosome", help="embedded structure to align"),
         out: Path = typer.Option(Path("benchmarks"), help="folder for model.json / model.md / model_curve.png"),
+        learning: bool = typer.Option(True, help="--no-learning measures the speed only"),
     ) -> None:
         """Jim-Net learning check (rotation error along unsupervised training) and training/inference speed."""
         from rich.progress import Progress
 
-        from jimray.cli.errors import UserError
-        from jimray.simulate.embedded import embedded_structure_names
-
-        if steps < 1 or batch_size < 1 or eval_every < 1 or eval_pairs < 1:
-            raise UserError("--steps, --batch-size, --eval-every and --eval-pairs must all be >= 1")
-        if structure not in embedded_structure_names():
-            raise UserError(f"--structure {structure} is unknown: choose one of {embedded_structure_names()}")
-        s = LearningSettings(structure=structure, steps=steps, batch_size=batch_size, eval_every=eval_every,
-                             eval_pairs=eval_pairs, lr=lr)  # fmt: skip
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        s = _settings(steps, batch_size, eval_every, eval_pairs, lr, structure)
+        devices = (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
         command = (f"jimray bench model --steps {steps} --batch-size {batch_size} --eval-every {eval_every} "
                    f"--eval-pairs {eval_pairs} --lr {lr} --structure {structure}")  # fmt: skip
+        command += "" if learning else " --no-learning"
         with Progress() as bar:
-            task = bar.add_task("training", total=steps)
-            results, md = run(s, devices[::-1], out / "model_curve.png", lambda i: bar.update(task, completed=i),
-                              lambda row: _show_eval(bar.console, row, out))
+            task = bar.add_task("training", total=steps if learning else 0)
+            results, md = run(s, devices, out / "model_curve.png", lambda i: bar.update(task, completed=i),
+                              lambda row: _show_eval(bar.console, row, out), learning)  # fmt: skip
         write_results(out, "model", results, md, command)
         typer.echo(md)
