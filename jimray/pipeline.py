@@ -102,7 +102,8 @@ def _voxel_size(job: JobConfig) -> float | None:
 
 
 def _tomograms_done(job: JobConfig, lay: RunLayout) -> bool:
-    return all(p.is_file() and p.with_name(f"{p.stem}_truth.star").is_file() for p in _tomogram_paths(job, lay))
+    files = [q for p in _tomogram_paths(job, lay) for q in (p, p.with_name(f"{p.stem}_truth.star"))]
+    return (lay.tomograms / "classes.csv").is_file() and all(q.is_file() for q in files)
 
 
 def stage_tomograms(job: JobConfig, lay: RunLayout, say: Say) -> dict:
@@ -170,6 +171,9 @@ def stage_pick(job: JobConfig, lay: RunLayout, say: Say) -> dict:
                                 _pick_radius_voxels(job, result.voxel_size_angstrom))
             matched, true_total = matched + score.n_matched, true_total + score.n_true
         say(f"{path.name}: {len(table)} picks")
+    if not sum(counts.values()):
+        raise PipelineError(f"no particles picked in {len(counts)} tomogram(s); lower pipeline.pick.threshold or "
+                            "check pipeline.pick.particle_diameter_angstrom and pipeline.pick.invert")
     ordered = [tables[k] for k in sorted(tables)]  # fixed order: particle ids do not depend on Ray's timing
     write_particles(lay.picks / COMBINED_STAR, pd.concat([t for t, _ in ordered], ignore_index=True), ordered[0][1])
     out = {"picks": int(sum(counts.values())), "per_tomogram": counts}
@@ -237,6 +241,9 @@ def stage_extract(job: JobConfig, lay: RunLayout, say: Say) -> dict:
     for tomogram, group in rows.groupby("rlnMicrographName", sort=True):
         written, bad = _extract_tomogram(job, lay, Path(tomogram), group, n_shards)
         n_shards, skipped = n_shards + written, skipped + bad
+    if len(skipped) == len(rows):
+        raise PipelineError(f"every pick's {job.data.box_size}-voxel box reaches outside its tomogram; set "
+                            f"pipeline.pick.edge_margin_voxels to at least {job.data.box_size // 2}")
     columns = ["row", "tomogram", "x", "y", "z", "reason"]
     pd.DataFrame(skipped, columns=columns).to_csv(lay.particles / "skipped.csv", index=False)
     say(f"extracted {len(rows) - len(skipped)} of {len(rows)} picks into {n_shards} shards; {len(skipped)} skipped")

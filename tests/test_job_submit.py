@@ -71,7 +71,7 @@ def test_quickstart_through_ray_job_submit(head_node, tmp_path):
     sets = [arg for item in shrink for arg in ("--set", item)]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--", sys.executable, "-m", "jimray", "train",
            str(ROOT / "jobs" / "quickstart.yaml"), "--out", str(out), *sets]
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:  # the node's dashboard agent may still be starting: "No available agent to submit job"
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:

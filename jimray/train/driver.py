@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jimray.config import JobConfig
@@ -27,6 +27,26 @@ from jimray.train.state import load_round_state
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
+
+
+class EveryRowDataConfig(DataConfig):
+    """Split every dataset over the workers with ``equal=False``.
+
+    Ray Train's default split is ``streaming_split(equal=True)``, which drops up to ``world_size - 1`` rows per
+    epoch to keep the shards equal. Algorithm 1 must embed and label every subtomogram every round, so the shards
+    may differ by a row; the training loop's DDP ``Join`` handles the uneven number of batches.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            if dataset.name is None:
+                dataset.set_name(name)
+            ds = dataset.copy(dataset)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[rank][name] = split
+        return output
 
 
 def init_ray() -> None:
@@ -92,6 +112,7 @@ def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> To
         ),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         datasets={"train": ds},
+        dataset_config=EveryRowDataConfig(),
     )
 
 
