@@ -67,7 +67,8 @@ def test_quickstart_through_ray_job_submit(head_node, tmp_path):
     shrink = ["data.simulate_per_class=3", "data.box_size=16", "data.voxel_size_angstrom=20", "train.rounds=1",
               "model.channels=[4, 8]", "model.feature_size=4", "model.feature_dim=8", "model.regressor_channels=8",
               "model.local_radius=1", "gmm.candidates=[2, 3]", "gmm.n_init=1", "gmm.pca_dims=4",
-              "train.batch_size=6", "train.reservoir_per_cluster=6"]
+              "train.batch_size=6", "train.reservoir_per_cluster=6",
+              "scaling.num_workers=1", "scaling.cpus_per_worker=1"]  # the single-worker path (no DDP)
     sets = [arg for item in shrink for arg in ("--set", item)]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--", sys.executable, "-m", "jimray", "train",
            str(ROOT / "jobs" / "quickstart.yaml"), "--out", str(out), *sets]

@@ -8,6 +8,7 @@ last round's checkpoint (``ray.train.get_checkpoint()``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -105,8 +106,8 @@ def _train_pass(ctx: _Context, ddp_model, optimizer, lowpass: float) -> dict[str
     sums: dict[str, float] = {}
     steps = 0
     ddp_model.train()
-    joinables = [ddp_model] if ctx.world > 1 else []
-    with Join(joinables, enable=bool(joinables)):
+    # Shards may differ by a row (every subtomogram is used): Join shadows the all-reduces of finished ranks.
+    with Join([ddp_model]) if ctx.world > 1 else contextlib.nullcontext():
         for batch in ctx.batches():
             ids = np.asarray(batch["id"], dtype=np.int64)
             source_np = np.ascontiguousarray(batch["volume"], dtype=np.float32)
