@@ -74,3 +74,16 @@ def test_warm_start_from_previous_labels_keeps_clusters(rng):
     config = GMMConfig(n_components=4, pca_dims=None, n_init=1)
     state = cluster_embeddings(x, config, LocalReducer(), truth, 4)
     assert np.array_equal(state.labels, truth)  # started from the previous clusters' means
+
+
+def test_clustering_does_not_depend_on_embedding_scale(rng):
+    """Trained embeddings shrink by orders of magnitude; standardising + whitening keeps the GMM's reg_covar from
+    swallowing them (which once put every subtomogram in one cluster)."""
+    centres = rng.normal(size=(3, 6)) * 6
+    truth = rng.integers(0, 3, size=150)
+    x = torch.as_tensor(centres[truth] + rng.normal(size=(150, 6)))
+    config = GMMConfig(n_components=3, pca_dims=4, n_init=2, reg_covar=1e-4)
+    big = cluster_embeddings(x, config, LocalReducer(), None, None)
+    tiny = cluster_embeddings(x * 1e-5, config, LocalReducer(), None, None)
+    assert clustering_accuracy(truth, big.labels) == 1.0
+    assert clustering_accuracy(truth, tiny.labels) == 1.0
