@@ -24,16 +24,12 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster: token auth off, a temporary HOME, 2 CPUs, ~100 MiB object store, no dashboard."""
+def start_local_ray():
+    """Start the tests' local Ray cluster: 2 CPUs, ~100 MiB object store, no dashboard, no token auth."""
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    home = tempfile.mkdtemp(prefix="jimray-home-")
-    old_home = os.environ.get("HOME")
-    os.environ["HOME"] = home
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
@@ -43,6 +39,18 @@ def ray_cluster():
         log_to_driver=False,
         configure_logging=False,
     )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's local Ray cluster (see :func:`start_local_ray`), with a temporary HOME."""
+    import ray
+
+    home = tempfile.mkdtemp(prefix="jimray-home-")
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = home
+    start_local_ray()
     yield ray
     ray.shutdown()
     if old_home is not None:

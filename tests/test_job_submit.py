@@ -47,7 +47,11 @@ def head_node(tmp_path):
     dash = _free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={_free_port()}", "--num-cpus=2",
            f"--object-store-memory={150 * 2**20}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+           # the session's cluster already holds the default agent ports: without these the new head's job
+           # agent cannot start ("No available agent to submit job")
+           f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+           f"--metrics-export-port={_free_port()}"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
