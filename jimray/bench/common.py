@@ -28,14 +28,14 @@ def machine_info() -> dict:
     try:
         with open("/proc/meminfo") as fh:
             info["memory_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
+    except OSError:  # not Linux: memory unknown
+        info["memory_gib"] = None
     try:
         import ray
 
         info["ray"] = ray.__version__
-    except ImportError:
-        pass
+    except ImportError:  # benchmarks of the pure kernels run without Ray
+        info["ray"] = None
     return info
 
 
@@ -65,7 +65,7 @@ def write_results(out_dir: str | Path, name: str, results: dict, markdown: str, 
 
 def _machine_line(m: dict) -> str:
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
-    return f"{m['processor']} x{m['cpu_count']} cores, {m.get('memory_gib', '?')} GiB{gpu}, torch {m['torch']}"
+    return f"{m['processor']} x{m['cpu_count']} cores, {m.get('memory_gib') or '?'} GiB{gpu}, torch {m['torch']}"
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
