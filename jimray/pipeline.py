@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from jimray.config import JobConfig
+from jimray.train.state import MODEL_DIR, STATE_FILE
 
 __all__ = ["STAGES", "PipelineError", "RunLayout", "run_pipeline", "resolve_tomograms"]
 
@@ -259,7 +260,7 @@ def training_job(job: JobConfig, lay: RunLayout) -> JobConfig:
 
 def _train_done(job: JobConfig, lay: RunLayout) -> bool:
     summary = lay.train / "summary.json"
-    if not ((lay.train / "model" / "state.pt").is_file() and summary.is_file()):
+    if not ((lay.train / MODEL_DIR / STATE_FILE).is_file() and summary.is_file()):
         return False
     return json.loads(summary.read_text()).get("rounds_completed", 0) >= job.train.rounds
 

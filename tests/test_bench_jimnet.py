@@ -8,22 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAINING
 
 from jimray.bench import compare, jimnet_method
 
 SMALL = ("3pwp_tcr_pmhc", "7ddo_ace2_rbd")
-TINY = (
-    "model.channels=[4, 8]",
-    "model.feature_size=4",
-    "model.feature_dim=8",
-    "model.regressor_channels=8",
-    "model.local_radius=1",
-    "model.dilations=[1, 2]",
-    "gmm.pca_dims=4",
-    "gmm.n_init=1",
-    "train.batch_size=4",
-    "train.reservoir_per_cluster=8",
-)
+TINY = TINY_TRAINING
 
 
 def options(**kw) -> compare.CompareOptions:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRAINING
 
 from jimray.config import load_job
 from jimray.io.simulated import simulate_dataset, write_simulated_dataset
@@ -16,17 +17,8 @@ from jimray.io.simulated import simulate_dataset, write_simulated_dataset
 pytestmark = pytest.mark.ray
 
 TINY = [
-    "model.channels=[4, 8]",
-    "model.feature_size=4",
-    "model.feature_dim=8",
-    "model.regressor_channels=8",
-    "model.local_radius=1",
-    "model.dilations=[1, 2]",
-    "gmm.pca_dims=4",
-    "gmm.n_init=1",
+    *TINY_TRAINING,
     "gmm.candidates=[2, 3, 4]",
-    "train.batch_size=4",
-    "train.reservoir_per_cluster=8",
     "data.box_size=16",
     "scaling.num_workers=2",
     "scaling.cpus_per_worker=0.5",

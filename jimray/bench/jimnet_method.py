@@ -102,8 +102,7 @@ def job_config(ds: Dataset, options: CompareOptions, data_path: Path, run_dir: P
 
 def _final_labels(run_dir: Path, n: int) -> np.ndarray:
     """Labels of the last round, indexed like the data set (its shard ids are ``0..n-1``)."""
-    from jimray.train.driver import MODEL_DIR
-    from jimray.train.state import load_round_state
+    from jimray.train.state import MODEL_DIR, load_round_state
 
     state = load_round_state(run_dir / MODEL_DIR)
     if state.ids is None or len(state.ids) != n:

@@ -26,11 +26,11 @@ from jimray.cluster.pca import PCAState
 from jimray.config import ConfigError, JobConfig, load_job
 from jimray.conventions import invert_pose
 from jimray.model.jimnet import JimNet
+from jimray.train.state import MODEL_DIR
 
 __all__ = ["RunError", "TrainedRun", "load_trained_run", "CONFIG_FILE", "MODEL_DIR"]
 
 CONFIG_FILE = "config.yaml"
-MODEL_DIR = "model"
 
 
 class RunError(ValueError):

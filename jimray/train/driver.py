@@ -23,10 +23,9 @@ from jimray.data.reader import read_subtomograms
 from jimray.train.loop import FAULT_ENV, train_loop_per_worker
 from jimray.train.records import write_metrics, write_run_info
 from jimray.train.sampler import PairSamplerActor
-from jimray.train.state import load_round_state
+from jimray.train.state import MODEL_DIR, load_round_state
 
 CHECKPOINTS = "checkpoints"
-MODEL_DIR = "model"
 
 
 class EveryRowDataConfig(DataConfig):

@@ -103,15 +103,12 @@ def global_contingency(a: np.ndarray, b: np.ndarray, size_a: int, size_b: int, r
 
 
 def matching_from_counts(counts: np.ndarray) -> dict[int, int]:
-    """Hungarian matching of rows (new labels) to columns (old labels) maximising agreement; rows left
-    over get the unused column indices (or fresh ones) in order."""
+    """Hungarian matching of rows (new labels) to columns (old labels) maximising agreement; needs at least as
+    many columns as rows, so every new label gets a partner."""
+    if counts.shape[1] < counts.shape[0]:
+        raise ValueError(f"need columns >= rows to match every new label, got counts of shape {counts.shape}")
     rows, cols = linear_sum_assignment(-counts)
-    mapping = {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
-    free = [c for c in range(max(counts.shape)) if c not in mapping.values()]
-    for r in range(counts.shape[0]):
-        if r not in mapping:
-            mapping[r] = free.pop(0)
-    return mapping
+    return {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
 
 
 def global_max(value: float, reducer: Reducer) -> float:

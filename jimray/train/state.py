@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+MODEL_DIR = "model"  # run_dir/model: the last round's checkpoint, which `jimray predict` loads
 STATE_FILE = "state.pt"
 LABELS_FILE = "labels.npz"
 CONFIG_FILE = "config.json"
