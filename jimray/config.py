@@ -55,6 +55,18 @@ class ModelConfig(_Strict):
     rotation_representation: Literal["6d", "quaternion"] = "6d"
     max_shift_fraction: float = Field(0.25, gt=0, le=0.5, description="translation bound, fraction of box")
     lowpass_cycles_per_voxel: float = Field(0.25, gt=0, le=0.5, description="t of the constrained CC loss")
+    pose_decoder: Literal["procrustes", "regressor"] = Field(
+        "procrustes",
+        description="how each stage turns its correlation map into a pose: 'procrustes' = soft correspondences "
+        "fitted in closed form, plus the regressor's small correction; 'regressor' = the paper's learned "
+        "regressor alone (jimray.model.decoders)",
+    )
+    decoder_temperature: float = Field(10.0, gt=0, description="initial softmax temperature of the decoders")
+    pooled_statistics: bool = Field(
+        True,
+        description="append the source's pooled feature statistics (mean and std of every extractor level) to "
+        "F(s, t): a position-independent summary that helps the clustering branch",
+    )
 
 
 class GMMConfig(_Strict):
@@ -83,7 +95,38 @@ class TrainConfig(_Strict):
     gamma: list[float] = Field(default_factory=lambda: [1.0, 1.0], description="alignment weight per stage")
     lambda_reg: float = Field(0.0, ge=0, description="weight of the rigid-transform regulariser L_R")
     reservoir_per_cluster: int = Field(512, ge=1, description="target volumes kept per cluster by the sampler")
+    init_from: str | None = Field(
+        None, description="start from this pretrained model (`jimray pretrain`'s pretrained.pt); None = random"
+    )
     seed: int = 0
+
+
+class PretrainConfig(_Strict):
+    """``jimray pretrain``: the alignment branch trained by the unsupervised alignment loss alone on simulated
+    pairs of the embedded structures, with a curriculum of relative rotation angles (small first), before the
+    rounds (``train.init_from``). Box, wedge and voxel size come from the ``data`` section."""
+
+    structures: list[str] | None = Field(None, description="embedded structure names; None = all six")
+    snr: float = Field(0.1, gt=0, description="SNR of the simulated pairs")
+    curriculum: list[tuple[float, int]] = Field(
+        default_factory=lambda: [(30.0, 1000), (60.0, 800)],
+        min_length=1,
+        description="stages [largest relative rotation angle in degrees, steps], small angles first; wider stages "
+        "(90, 180) made the learned alignment worse in the learning check, multi-start anchors cover the rest",
+    )
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    eval_pairs: int = Field(32, ge=1, description="held-out pairs per evaluation set")
+    eval_every: int = Field(200, ge=1, description="steps between held-out evaluations")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _angles(self) -> PretrainConfig:
+        for angle, steps in self.curriculum:
+            if not 0 < angle <= 180 or steps < 1:
+                raise ValueError(f"pretrain.curriculum stage [{angle}, {steps}]: the angle must lie in (0, 180] "
+                                 "degrees and the steps be >= 1")
+        return self
 
 
 class ScalingConfig(_Strict):
@@ -177,6 +220,7 @@ class JobConfig(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     pipeline: PipelineConfig | None = Field(None, description="stages of `jimray run`; None = training only")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="`jimray pretrain` settings")
 
     @model_validator(mode="after")
     def _pipeline_geometry(self) -> JobConfig:

@@ -98,12 +98,14 @@ def test_extractor_has_fixed_feature_grid(rng):
 # ---------------------------------------------------------------- the network
 
 
+@pytest.mark.parametrize("decoder", ["procrustes", "regressor"])
 @pytest.mark.parametrize("representation", ["6d", "quaternion"])
-def test_forward_contract(rng, representation):
-    net = small_net(k=5, stages=3, rotation_representation=representation)
+def test_forward_contract(rng, representation, decoder):
+    net = small_net(k=5, stages=3, rotation_representation=representation, pose_decoder=decoder)
     s, t = volumes(rng, 2), volumes(rng, 2)
     out = net(s, t)
-    assert out.features.shape == (2, 3 * 8) and out.logits.shape == (2, 5)
+    assert out.features.shape == (2, net.embedding_dim) and out.logits.shape == (2, 5)
+    assert net.embedding_dim == 3 * 8 + 2 * (4 + 8 + 8)  # stage features + statistics of 2 levels and the stack
     assert len(out.rotations) == len(out.shifts) == len(out.warped) == 3
     for r, sh, w in zip(out.rotations, out.shifts, out.warped, strict=True):
         assert r.shape == (2, 3, 3) and sh.shape == (2, 3) and w.shape == s.shape
@@ -111,12 +113,12 @@ def test_forward_contract(rng, representation):
         assert torch.all(torch.linalg.det(r) > 0)
         # warped is the ORIGINAL source resampled once with the cumulative pose
         assert torch.allclose(w, transform_volumes(s, r, sh), atol=1e-6)
-        assert sh.abs().max() <= 3 * 0.25 * 16  # each of 3 stages adds at most max_shift_fraction * box
+        assert sh.norm(dim=1).max() <= 3 * 3**0.5 * 0.25 * 16  # each stage moves at most max_shift_fraction * box
     assert net.embed(s).shape == (2, net.embedding_dim)
 
 
-def test_starts_near_identity(rng):
-    net = small_net()
+def test_regressor_decoder_starts_near_identity(rng):
+    net = small_net(pose_decoder="regressor")
     out = net(volumes(rng, 2), volumes(rng, 2))
     for r, sh in zip(out.rotations, out.shifts, strict=True):
         assert (r - torch.eye(3)).abs().max() < 0.2
@@ -131,8 +133,9 @@ def test_shift_is_bounded_by_the_box():
     assert shift.abs().max() <= 1.6 + 1e-5 and shift[0, 0] == pytest.approx(1.6)
 
 
-def test_gradients_reach_every_stage_and_both_heads(rng):
-    net = small_net(stages=3)
+@pytest.mark.parametrize("decoder", ["procrustes", "regressor"])
+def test_gradients_reach_every_stage_and_both_heads(rng, decoder):
+    net = small_net(stages=3, pose_decoder=decoder)
     s, t = volumes(rng, 2), volumes(rng, 2)
     out = net(s, t)
     losses = jimnet_loss(out, s, t, torch.tensor([60.0, 45.0]), torch.tensor([60.0, 90.0]), torch.tensor([0, 2]),
@@ -228,3 +231,65 @@ def test_loss_keys_and_zero_alignment_loss_for_a_perfect_match(rng):
     assert perfect["align_1"].abs() < 1e-5 and perfect["align_2"].abs() < 1e-5
     with pytest.raises(ValueError, match="one weight per stage"):
         jimnet_loss(out, s, t, tilts, tilts, None, [1.0], 0.0, 0.3)
+
+
+def test_pooled_statistics_barely_depend_on_where_the_particle_sits(rng):
+    """F(x, x)'s statistics part changes little when the particle moves by whole feature cells (exactly so but
+    for the zero padding at the box faces); the stage features, which see positions, change much more."""
+    net = small_net(pose_decoder="procrustes", feature_size=8).eval()
+    x = torch.zeros(1, 32, 32, 32)
+    x[0, 12:20, 13:19, 12:21] = torch.as_tensor(rng.normal(size=(8, 6, 9)), dtype=torch.float32)
+    moved = torch.roll(x, shifts=(4, -4, 4), dims=(-1, -2, -3))  # one cell of the 8^3 grid on every axis
+    n_stats = net.embedding_dim - net.config.stages * net.config.feature_dim
+    with torch.no_grad():
+        a, b = net.embed(x), net.embed(moved)
+
+    def change(u, v):
+        return float((u - v).norm() / u.norm())
+
+    assert change(a[:, -n_stats:], b[:, -n_stats:]) < 0.05
+    assert change(a[:, :-n_stats], b[:, :-n_stats]) > 4 * change(a[:, -n_stats:], b[:, -n_stats:])
+
+
+def test_initial_pose_is_composed_and_source_resampled_once(rng):
+    from jimray.conventions import compose_poses
+
+    net = small_net(stages=2).eval()
+    s, t = volumes(rng, 2), volumes(rng, 2)
+    r0 = torch.as_tensor(random_rotations(2, rng), dtype=torch.float32)
+    t0 = torch.tensor([[1.0, 0.0, -0.5], [0.0, 2.0, 0.0]])
+    with torch.no_grad():
+        plain = net(s, t)
+        same = net(s, t, initial=(torch.eye(3).expand(2, 3, 3), torch.zeros(2, 3)))
+        out = net(s, t, initial=(r0, t0))
+        moved = net(transform_volumes(s, r0, t0), t)  # the same first stage input, poses relative to it
+    assert torch.allclose(same.rotations[-1], plain.rotations[-1], atol=1e-5)
+    r1, t1 = compose_poses(r0, t0, moved.rotations[0], moved.shifts[0])
+    assert torch.allclose(out.rotations[0], r1, atol=1e-5) and torch.allclose(out.shifts[0], t1, atol=1e-4)
+    # every warped volume is the original source resampled once with the cumulative pose
+    for r, sh, w in zip(out.rotations, out.shifts, out.warped, strict=True):
+        assert torch.allclose(w, transform_volumes(s, r, sh), atol=1e-6)
+
+
+def test_multistart_keeps_the_best_anchor(rng):
+    from jimray.model.multistart import anchor_rotations, multistart_align
+
+    assert anchor_rotations("identity").shape == (1, 3, 3)
+    octa, ico = anchor_rotations("octahedral"), anchor_rotations("icosahedral")
+    assert octa.shape == (24, 3, 3) and ico.shape == (60, 3, 3)
+    assert torch.allclose(octa.transpose(1, 2) @ octa, torch.eye(3).expand(24, 3, 3), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown anchors"):
+        anchor_rotations("cubic")
+    net = small_net().eval()
+    s, t = volumes(rng, 3), volumes(rng, 3)
+    with torch.no_grad():
+        single = net(s, t)
+    r, sh, scores = multistart_align(net, s, t, 60.0, 60.0, anchor_rotations("identity"))
+    assert torch.allclose(r, single.rotations[-1], atol=1e-6) and scores.shape == (3, 1)
+    r, sh, scores = multistart_align(net, s, t, 60.0, 60.0, octa[:5])
+    assert scores.shape == (3, 5)
+    best = scores.argmax(dim=1)
+    for i in range(3):  # the kept pose is the best anchor's run
+        with torch.no_grad():
+            run = net(s[i : i + 1], t[i : i + 1], initial=(octa[best[i]][None], torch.zeros(1, 3)))
+        assert torch.allclose(r[i], run.rotations[-1][0], atol=1e-4)

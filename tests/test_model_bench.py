@@ -37,5 +37,36 @@ def test_evaluate_reports_errors_near_random_for_an_untrained_net():
     torch.manual_seed(0)
     net = JimNet(ModelConfig(channels=[4, 8], feature_size=4, dilations=[1], regressor_channels=8, feature_dim=8), 1)
     metrics = evaluate(net, pairs, batch_size=4)
-    assert set(metrics) == {"rotation_error", "rotation_error_stage1", "translation_error_voxels"}
+    keys = {"rotation_error", "rotation_error_stage1", "translation_error_voxels", "fraction_within_0.5"}
+    assert set(metrics) == keys
     assert 1.0 < metrics["rotation_error"] < 2.83  # near-identity guesses against uniform random rotations
+
+
+def test_curriculum_schedule():
+    from jimray.bench.model import parse_curriculum, plan_of
+
+    stages = parse_curriculum("30:5,180:3")
+    s = LearningSettings(curriculum=stages)
+    plan = plan_of(s)
+    assert s.total_steps() == 8 and [plan.angle_at(i) for i in (1, 5, 6, 8)] == [30.0, 30.0, 180.0, 180.0]
+    assert LearningSettings(steps=4).schedule() == [(180.0, 4)] and parse_curriculum("") is None
+    for bad in ("30", "0:5", "30:0", "x:3"):
+        try:
+            parse_curriculum(bad)
+        except ValueError as exc:
+            assert "curriculum stage" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_learning_check_runs_and_records_both_held_out_sets():
+    """A 2-step curriculum run of a tiny net: the curve has the uniform-SO(3) and the curriculum-angle errors."""
+    from jimray.bench.model import learning_check
+
+    model = ModelConfig(channels=[4, 8], feature_size=4, dilations=[1], regressor_channels=8, feature_dim=8)
+    s = LearningSettings(box_size=16, voxel_size_angstrom=20.0, curriculum=[(30.0, 1), (180.0, 1)], batch_size=2,
+                         eval_pairs=4, eval_every=1, model=model)  # fmt: skip
+    result = learning_check(s, "cpu")
+    assert [row["max_relative_angle"] for row in result["curve"]] == [30.0, 30.0, 180.0]
+    assert all(0 <= row["rotation_error_at_angle"] <= 2.83 for row in result["curve"])
+    assert result["curve"][1]["loss"] > 0 and 2.0 < result["identity_rotation_error"] < 2.83

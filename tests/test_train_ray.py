@@ -77,3 +77,22 @@ def test_killed_worker_resumes_and_rerun_resumes(ray_cluster, tiny_data, tmp_pat
     assert summary["rounds_completed"] == 3
     assert len(json.loads((out / "run.json").read_text())) == 2
     assert list(pd.read_csv(out / "metrics.csv")["round"]) == [1, 2, 3]
+
+
+def test_training_starts_from_a_pretrained_model(ray_cluster, tiny_data, tmp_path):
+    """train.init_from loads the pretrained alignment branch into every worker (a vanishing learning rate keeps
+    the weights where they started, so the run's model must equal the pretrained one but for the cluster head)."""
+    from jimray.train.pretrain_job import run_pretraining
+    from jimray.train.state import load_pretrained, load_round_state
+
+    pre = tmp_path / "pre"
+    run_pretraining(load_job(None, [*TINY, "pretrain.curriculum=[[30, 2]]", "pretrain.batch_size=2",
+                                    "pretrain.eval_pairs=2", "pretrain.eval_every=2",
+                                    "pretrain.structures=[6zu5_ribosome]"]), pre)  # fmt: skip
+    out = tmp_path / "run"
+    _run(tiny_data, out, rounds=1, extra=[f"train.init_from={pre}", "train.lr=1e-30", "gmm.n_components=3"])
+    trained = load_round_state(out / "model").model_state
+    pretrained = load_pretrained(pre).model_state
+    for key, value in pretrained.items():
+        if not key.startswith("cluster_head."):
+            assert torch.allclose(trained[key], value, atol=1e-6), key

@@ -89,6 +89,7 @@ class CompareOptions:
     jimnet_epochs: int = 2  # epochs per round
     jimnet_job: str | None = None  # job YAML ('{snr}' = the level) instead of the jobs/snr_*.yaml defaults
     jimnet_overrides: tuple[str, ...] = ()  # extra --set strings for the Jim-Net job
+    jimnet_init: str | None = None  # a `jimray pretrain` model: adds the "Jim-Net (measured, pretrained)" rows
 
 
 def pair_truth(rotations: torch.Tensor, shifts: torch.Tensor, pairs: np.ndarray):
@@ -162,11 +163,14 @@ def pca_method(kind: str, options: CompareOptions) -> Callable[[Dataset], Method
     return run
 
 
-_EXTRA_METHODS: dict[str, Callable[[CompareOptions], Callable[[Dataset], MethodResult]]] = {}
+_EXTRA_METHODS: dict[str, Callable[[CompareOptions], Callable[[Dataset], MethodResult] | None]] = {}
 
 
-def register_method(name: str, factory: Callable[[CompareOptions], Callable[[Dataset], MethodResult]]) -> None:
-    """Add a method (e.g. Jim-Net): ``factory(options)`` returns ``method(dataset) -> MethodResult``."""
+def register_method(
+    name: str, factory: Callable[[CompareOptions], Callable[[Dataset], MethodResult] | None]
+) -> None:
+    """Add a method (e.g. Jim-Net): ``factory(options)`` returns ``method(dataset) -> MethodResult``, or None
+    when the options leave the method out."""
     _EXTRA_METHODS[name] = factory
 
 
@@ -181,7 +185,8 @@ def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], Meth
         "PCA + k-means": pca_method("kmeans", options),
         "PCA + GMM": pca_method("gmm", options),
     }
-    methods.update({name: factory(options) for name, factory in _EXTRA_METHODS.items()})
+    extra = {name: factory(options) for name, factory in _EXTRA_METHODS.items()}
+    methods.update({name: method for name, method in extra.items() if method is not None})
     return methods
 
 
@@ -271,12 +276,14 @@ def register(bench_app: typer.Typer) -> None:
         jimnet_epochs: int = typer.Option(2, help="Jim-Net (measured): epochs per round"),
         jimnet_job: str = typer.Option("", help="Jim-Net job YAML ('{snr}' = the level); default jobs/snr_* settings"),
         benchmarks_json: str = typer.Option("", help="also write the issue-6 records here (e.g. BENCHMARKS.json)"),
+        jimnet_init: str = typer.Option("", help="a `jimray pretrain` model: also run Jim-Net started from it"),
     ) -> None:
         """Classical alignment/clustering baselines vs Jim-Net's paper numbers on the SNR sweep (box 32, tilt 60)."""
         opts = CompareOptions(snrs=_floats(snrs), structures=tuple(s.strip() for s in structures.split(",")),
                               per_class=per_class, pairs=pairs, angular_step_degrees=angular_step,
                               mra_iterations=mra_iterations, seed=seed, jimnet_rounds=jimnet_rounds,
-                              jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None)
+                              jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None,
+                              jimnet_init=jimnet_init or None)
         from jimray.bench.jimnet_method import add_speedups, markdown_notes
 
         rows = add_speedups(run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None))

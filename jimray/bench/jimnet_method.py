@@ -14,6 +14,11 @@ For one SNR level's :class:`~jimray.bench.compare.Dataset` the method
    last stage's ``(R, t)`` carries source onto target, the sense of the classical ``align_pairs``), volumes
    normalised as in training (:func:`jimray.data.reader.normalize_batch`).
 
+With ``--jimnet-init PRETRAINED`` (a ``jimray pretrain`` model) two more rows per level: "Jim-Net (measured,
+pretrained)", the same rounds started from it (``train.init_from``), and "Jim-Net (measured, pretrained, 24
+starts)", that run's network aligning the pairs by multi-start from the 24 octahedral anchors
+(:mod:`jimray.model.multistart`, one forward pass per anchor; its time is one pass over all pairs).
+
 Timing: the compare runner divides a method's whole wall time by the number of subtomograms; for Jim-Net the
 comparable figure with the classical pair search is the inference time per pair, so the result's ``extra``
 (merged into the row last) sets ``seconds_per_subtomogram`` to it and reports the training wall time as
@@ -36,6 +41,8 @@ import torch
 from jimray.bench.compare import CompareOptions, Dataset, MethodResult, register_method
 
 METHOD_NAME = "Jim-Net (measured)"
+PRETRAINED_NAME = "Jim-Net (measured, pretrained)"
+MULTISTART_NAME = "Jim-Net (measured, pretrained, 24 starts)"
 SEARCH_PREFIX = "constrained-CC search"
 VOXEL_SIZE_ANGSTROM = 10.0  # the compare levels are simulated at the embedded maps' default 10 A voxels
 
@@ -150,22 +157,59 @@ def _timed_alignment(model, ds: Dataset, repeats: int = 3) -> tuple[torch.Tensor
     return rotations, shifts, float(np.median(seconds)) / max(len(ds.pairs), 1)
 
 
-def jimnet_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
-    """Factory for the compare registry: ``method(dataset) -> MethodResult`` (train, cluster, align pairs)."""
+_TRAINED: dict[tuple[int, str | None], tuple] = {}  # (id(dataset), init_from) -> that level's trained run
+
+
+def _train_level(ds: Dataset, options: CompareOptions, init_from: str | None):
+    """Train on one level (or reuse that level's run): ``(labels, model, summary, train_seconds, config)``."""
+    key = (id(ds), init_from)
+    if key in _TRAINED and _TRAINED[key][0] is ds:  # the very same level object, not a reused id
+        return _TRAINED[key][1:]
+    from jimray.predict.run import load_trained_run
+    from jimray.train.driver import run_training
+
+    with tempfile.TemporaryDirectory(prefix="jimray-compare-jimnet-") as tmp:
+        tmp_path = Path(tmp)
+        config = job_config(ds, options, _write_shards(ds, tmp_path / "data"), tmp_path / "run")
+        if init_from:
+            config.train.init_from = str(Path(init_from).resolve())
+        start = time.perf_counter()
+        summary = run_training(config, command=["jimray", "bench", "compare", f"(snr {ds.snr:g})"])
+        train_seconds = time.perf_counter() - start
+        labels = _final_labels(tmp_path / "run", len(ds.classes))
+        trained = load_trained_run(tmp_path / "run")
+    _TRAINED.clear()  # one level at a time: keep only the latest run
+    _TRAINED[key] = (ds, labels, trained.model, summary, train_seconds, config)
+    return _TRAINED[key][1:]
+
+
+def _multistart_alignment(model, ds: Dataset, anchors: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Pair poses by :func:`jimray.model.multistart.multistart_align` and wall seconds per pair (one pass)."""
+    from jimray.model.multistart import anchor_rotations, multistart_align
+
+    model.eval()
+    volumes = normalised(ds.volumes)
+    device = next(model.parameters()).device
+    sources, targets = volumes[ds.pairs[:, 0]].to(device), volumes[ds.pairs[:, 1]].to(device)
+    start = time.perf_counter()
+    rotations, shifts, _ = multistart_align(model, sources, targets, ds.tilt_range_degrees, ds.tilt_range_degrees,
+                                            anchor_rotations(anchors, device=device))  # fmt: skip
+    return rotations.cpu(), shifts.cpu(), (time.perf_counter() - start) / max(len(ds.pairs), 1)
+
+
+def jimnet_method(
+    options: CompareOptions, init_from: str | None = None, anchors: str | None = None
+) -> Callable[[Dataset], MethodResult]:
+    """Factory for the compare registry: ``method(dataset) -> MethodResult`` (train, cluster, align pairs);
+    ``init_from``: start the rounds from this pretrained model (``train.init_from``); ``anchors``: align the pairs
+    by multi-start from these anchors (the level's trained run is reused when it exists)."""
 
     def run(ds: Dataset) -> MethodResult:
-        from jimray.predict.run import load_trained_run
-        from jimray.train.driver import run_training
-
-        with tempfile.TemporaryDirectory(prefix="jimray-compare-jimnet-") as tmp:
-            tmp_path = Path(tmp)
-            config = job_config(ds, options, _write_shards(ds, tmp_path / "data"), tmp_path / "run")
-            start = time.perf_counter()
-            summary = run_training(config, command=["jimray", "bench", "compare", f"(snr {ds.snr:g})"])
-            train_seconds = time.perf_counter() - start
-            labels = _final_labels(tmp_path / "run", len(ds.classes))
-            trained = load_trained_run(tmp_path / "run")
-        rotations, shifts, per_pair = _timed_alignment(trained.model, ds)
+        labels, model, summary, train_seconds, config = _train_level(ds, options, init_from)
+        if anchors:
+            rotations, shifts, per_pair = _multistart_alignment(model, ds, anchors)
+        else:
+            rotations, shifts, per_pair = _timed_alignment(model, ds)
         run_accuracy = summary.get("clustering_accuracy")
         extra = {
             "seconds_per_subtomogram": per_pair,
@@ -187,17 +231,18 @@ def add_speedups(rows: list[dict]) -> list[dict]:
     same level of the same run) to each measured Jim-Net row; returns ``rows``."""
     search = {r["snr"]: r["seconds_per_subtomogram"] for r in rows if str(r["method"]).startswith(SEARCH_PREFIX)}
     for row in rows:
-        if row["method"] == METHOD_NAME and row["snr"] in search and row.get("seconds_per_subtomogram"):
+        if _measured(row) and row["snr"] in search and row.get("seconds_per_subtomogram"):
             row["speedup_vs_search"] = search[row["snr"]] / row["seconds_per_subtomogram"]
     return rows
 
 
 def markdown_notes(rows: list[dict]) -> str:
     """One paragraph on the measured Jim-Net rows: training time and per-pair speed-up (empty if none)."""
-    ours = [r for r in rows if r["method"] == METHOD_NAME]
+    ours = [r for r in rows if _measured(r)]
     if not ours:
         return ""
-    parts = [f"SNR {r['snr']:g}: train {r['train_seconds']:.0f} s, inference {r['seconds_per_subtomogram']:.4f} "
+    parts = [f"{r['method']}, SNR {r['snr']:g}: train {r['train_seconds']:.0f} s, inference "
+             f"{r['seconds_per_subtomogram']:.4f} "
              f"s/pair" + (f", {r['speedup_vs_search']:.0f}x faster than the search" if "speedup_vs_search" in r
                           else "") for r in ours]
     return (f"{METHOD_NAME}: trained here ({ours[0]['train_rounds']} rounds x {ours[0]['epochs_per_round']} "
@@ -205,4 +250,20 @@ def markdown_notes(rows: list[dict]) -> str:
             "wall time is separate, `train_seconds`). " + "; ".join(parts) + ".\n\n")
 
 
+def _measured(row: dict) -> bool:
+    return str(row["method"]).startswith(METHOD_NAME[:-1])  # "Jim-Net (measured" and "..., pretrained)"
+
+
+def pretrained_method(options: CompareOptions) -> Callable[[Dataset], MethodResult] | None:
+    """The same method started from ``options.jimnet_init`` (None, so no row, when it is not set)."""
+    return jimnet_method(options, options.jimnet_init) if options.jimnet_init else None
+
+
+def pretrained_multistart_method(options: CompareOptions) -> Callable[[Dataset], MethodResult] | None:
+    """The pretrained run's network aligning the pairs by multi-start from the 24 octahedral anchors."""
+    return jimnet_method(options, options.jimnet_init, "octahedral") if options.jimnet_init else None
+
+
 register_method(METHOD_NAME, jimnet_method)
+register_method(PRETRAINED_NAME, pretrained_method)
+register_method(MULTISTART_NAME, pretrained_multistart_method)

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "jimray.cli.simulate",
     "jimray.cli.ingest",
     "jimray.cli.train",
+    "jimray.cli.pretrain",
     "jimray.cli.predict",
     "jimray.cli.average",
     "jimray.cli.pick",

@@ -68,3 +68,36 @@ def plot_simulated_slices(
 
 def _snr_label(snr: float) -> str:
     return "inf" if math.isinf(snr) else f"{snr:g}"
+
+
+def plot_alignment_curve(curve: list[dict], path: Path, title: str, reference: float | None = 0.62) -> None:
+    """Held-out rotation error along alignment training (:func:`jimray.train.pretrain.train_on_pairs`'s curve):
+    uniform-SO(3) pairs (final and first stage) and, with a curriculum, pairs of the current angle; grey lines
+    mark the curriculum's stage changes, the dotted line the paper's Gum-Net at SNR 0.1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    pairs = [c["pairs_seen"] for c in curve]
+    ax.plot(pairs, [c["rotation_error"] for c in curve], "o-", label="uniform SO(3) pairs, final stage")
+    ax.plot(pairs, [c["rotation_error_stage1"] for c in curve], "s--", label="uniform SO(3) pairs, stage 1")
+    if "rotation_error_at_angle" in curve[0]:
+        ax.plot(pairs, [c["rotation_error_at_angle"] for c in curve], "^-", label="pairs of the curriculum angle")
+        for before, row in zip(curve, curve[1:], strict=False):
+            if row["max_relative_angle"] != before["max_relative_angle"]:
+                ax.axvline(before["pairs_seen"], color="lightgrey", lw=0.8)
+                ax.text(before["pairs_seen"], 2.75, f" {row['max_relative_angle']:g} deg", fontsize=7, color="grey")
+    if reference is not None:
+        ax.axhline(reference, color="grey", ls=":", label="Gum-Net, paper (SNR 0.1)")
+    ax.set_xlabel("training pairs seen")
+    ax.set_ylabel("mean rotation error ||R_true - R_pred||_F")
+    ax.set_ylim(0, 2.9)
+    ax.legend(fontsize=8, loc="center right")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

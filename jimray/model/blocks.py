@@ -68,7 +68,11 @@ def level_sizes(box_size: int, feature_size: int, levels: int) -> list[int]:
 class FeatureExtractor(nn.Module):
     """Siamese 3D feature extractor: one conv block per level, spectral pooling between levels, a dilated
     stack on the last level. ``(b, d, h, w)`` volumes -> ``(b, channels[-1], f, f, f)``, ``f = feature_size``
-    for any box edge ``>= f`` (the correlation layers then have a fixed size)."""
+    for any box edge ``>= f`` (the correlation layers then have a fixed size).
+
+    With ``return_statistics=True`` it also returns the mean and standard deviation over the grid of every
+    level's activations, ``(b, statistics_dim)``: a summary that does not depend on where the particle sits in
+    the box, and depends little on its orientation, for the clustering embedding."""
 
     def __init__(self, channels: list[int], dilations: list[int], feature_size: int):
         super().__init__()
@@ -77,16 +81,24 @@ class FeatureExtractor(nn.Module):
         self.dilated = DilatedStack(channels[-1], dilations)
         self.feature_size = int(feature_size)
         self.out_channels = channels[-1]
+        self.statistics_dim = 2 * (sum(channels) + channels[-1])
 
-    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+    def forward(self, volumes: torch.Tensor, return_statistics: bool = False):
         d, h, w = volumes.shape[-3:]
         if not d == h == w:
             raise ValueError(f"Jim-Net needs cubic boxes, got (d, h, w) = {(d, h, w)}")
         sizes = level_sizes(d, self.feature_size, len(self.levels))
         x = volumes.unsqueeze(1)
+        stats = []
         for size, block in zip(sizes, self.levels, strict=True):
             x = block(spectral_pool(x, size))
-        return self.dilated(x)
+            stats.append(x)
+        x = self.dilated(x)
+        if not return_statistics:
+            return x
+        dims = (-3, -2, -1)
+        pooled = [torch.cat([a.mean(dim=dims), a.std(dim=dims)], dim=1) for a in [*stats, x]]
+        return x, torch.cat(pooled, dim=1)
 
 
 class PoseRegressor(nn.Module):

@@ -18,19 +18,32 @@ def _check_pair(target_features: torch.Tensor, source_features: torch.Tensor) ->
         )
 
 
+def cosine_correlation(target_features: torch.Tensor, source_features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every source position with every target position, ``(b, j, n)``:
+    ``out[b, j, n] = <f_s(j), f_t(n)>`` of the L2-normalised features, ``j`` and ``n`` the flattened
+    ``(z, y, x)`` indices of the source and target grids."""
+    _check_pair(target_features, source_features)
+    b, c = target_features.shape[:2]
+    ft = F.normalize(target_features.reshape(b, c, -1), dim=1)
+    fs = F.normalize(source_features.reshape(b, c, -1), dim=1)
+    return torch.einsum("bcj,bcn->bjn", fs, ft)
+
+
+def global_correlation_map(cosine: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Eq. 4's map from a :func:`cosine_correlation` ``(b, j, n)``: ReLU and L2 normalisation over ``j``
+    (Rocco et al.), which damps ambiguous matches, laid out on the target grid ``(b, d*h*w, d, h, w)``."""
+    b = cosine.shape[0]
+    return F.normalize(F.relu(cosine), dim=1).reshape(b, cosine.shape[1], *grid)
+
+
 def global_correlation(target_features: torch.Tensor, source_features: torch.Tensor) -> torch.Tensor:
     """Every target position against every source position (eq. 4): ``(b, d*h*w, d, h, w)``.
 
     ``out[b, j, z, y, x] = <f_t(z, y, x), f_s(j)>`` with ``j`` the flattened ``(z, y, x)`` source index;
-    then ReLU and L2 normalisation over ``j`` (Rocco et al.), which damps ambiguous matches.
+    then ReLU and L2 normalisation over ``j`` (:func:`global_correlation_map`).
     """
-    _check_pair(target_features, source_features)
-    b, c, d, h, w = target_features.shape
-    ft = F.normalize(target_features.reshape(b, c, -1), dim=1)
-    fs = F.normalize(source_features.reshape(b, c, -1), dim=1)
-    corr = torch.einsum("bcj,bcn->bjn", fs, ft)
-    corr = F.normalize(F.relu(corr), dim=1)
-    return corr.reshape(b, d * h * w, d, h, w)
+    cosine = cosine_correlation(target_features, source_features)
+    return global_correlation_map(cosine, tuple(target_features.shape[-3:]))
 
 
 def local_correlation(target_features: torch.Tensor, source_features: torch.Tensor, radius: int) -> torch.Tensor:

@@ -3,16 +3,21 @@
 For a pair ``(source, target)`` of ``(b, d, h, w)`` volumes (cubic boxes):
 
 * a siamese :class:`~jimray.model.blocks.FeatureExtractor` maps each volume to a ``f^3`` feature grid;
-* stage 1: global correlation of target and source features -> regressor -> pose ``(R_1, t_1)``;
+* stage 1: global correlation of target and source features (eq. 4) -> pose ``(R_1, t_1)``;
 * stage ``i >= 2``: the source is resampled *once* from the original volume with the current pose, its
-  features are recomputed, a local correlation (radius ``r``) with the target features feeds a regressor
-  whose small update ``(dR, dt)`` is composed after the current pose
-  (:func:`jimray.conventions.compose_poses`); resampling the original with the composed pose is the
-  residual connection of the composition layer;
-* ``F(s, t)`` = concatenation of the stages' regressor features -> cluster head ``M_CP`` -> logits.
+  features are recomputed, a local correlation (radius ``r``, eq. 5) with the target features gives a small
+  update ``(dR, dt)`` that is composed after the current pose (:func:`jimray.conventions.compose_poses`);
+  resampling the original with the composed pose is the residual connection of the composition layer;
+* ``F(s, t)`` = concatenation of the stages' regressor features (and, with ``pooled_statistics``, the mean and
+  std over the grid of the source's extractor levels) -> cluster head ``M_CP`` -> logits.
+
+Each stage turns its correlation map into a pose with ``config.pose_decoder``: ``"regressor"`` is the
+paper's learned regressor; ``"procrustes"`` (default) fits soft correspondences read from the correlation in
+closed form (:mod:`jimray.model.decoders`) and composes the regressor's output after it as a small learned
+correction. Both start near the identity correction, and the regressor's features feed ``F(s, t)`` either way.
 
 Poses follow :mod:`jimray.conventions`: ``warped_i = transform_volumes(source, R_i, t_i) ~ target``, shifts in
-voxels ``(x, y, z)``, bounded by ``tanh * max_shift_fraction * box``.
+voxels ``(x, y, z)``; each stage's update is bounded by ``max_shift_fraction * box`` per axis.
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ from jimray.geometry.rotation_repr import (
     six_d_to_matrix,
 )
 from jimray.model.blocks import FeatureExtractor, PoseRegressor
-from jimray.model.correlation import global_correlation, local_correlation
+from jimray.model.correlation import cosine_correlation, global_correlation_map, local_correlation
+from jimray.model.decoders import ProcrustesDecoder, bound_shift, feature_grid_positions, local_offsets
 
 
 @dataclass
 class JimNetOutput:
     """What one forward pass gives, all batch-first.
 
-    features: ``(b, m * feature_dim)`` = ``F(s, t)``; logits: ``(b, K)``; rotations: ``m`` tensors ``(b, 3, 3)``,
+    features: ``(b, embedding_dim)`` = ``F(s, t)``; logits: ``(b, K)``; rotations: ``m`` tensors ``(b, 3, 3)``,
     cumulative pose of each stage; shifts: ``m`` tensors ``(b, 3)``, voxels ``(x, y, z)``, cumulative;
     warped: ``m`` tensors ``(b, d, h, w)``, the source resampled once with each stage's pose.
     """
@@ -68,13 +74,22 @@ class JimNet(nn.Module):
         self.regressors = nn.ModuleList(
             PoseRegressor(c, config.regressor_channels, fs, config.feature_dim, n_params) for c in in_channels
         )
-        embed_dim = config.stages * config.feature_dim
+        self.decoders = (
+            nn.ModuleList(
+                ProcrustesDecoder(config.channels[-1], config.decoder_temperature) for _ in range(config.stages)
+            )
+            if config.pose_decoder == "procrustes"
+            else None
+        )
+        embed_dim = self.embedding_dim
         self.cluster_trunk = nn.Sequential(nn.Linear(embed_dim, config.feature_dim), nn.ReLU(inplace=True))
         self.cluster_head = nn.Linear(config.feature_dim, n_clusters)
 
     @property
     def embedding_dim(self) -> int:
-        return self.config.stages * self.config.feature_dim
+        """Length of ``F(s, t)``: ``stages * feature_dim`` (+ the extractor's statistics when pooled)."""
+        pooled = self.extractor.statistics_dim if self.config.pooled_statistics else 0
+        return self.config.stages * self.config.feature_dim + pooled
 
     @property
     def n_clusters(self) -> int:
@@ -95,8 +110,24 @@ class JimNet(nn.Module):
         shift = torch.tanh(raw[:, n_rot:]) * (self.config.max_shift_fraction * box)
         return to_matrix(params), shift
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> JimNetOutput:
-        """Align ``source`` ``(b, d, h, w)`` onto ``target`` (same shape) and predict the pair's cluster."""
+    def _stage(self, raw: torch.Tensor, box: torch.Tensor, decoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stage's pose (stage 1) or update: the regressor's output ``raw`` alone, or composed after the
+        ``decoded`` pose ``(R, t)`` of the procrustes decoder, the shift then bounded per axis by
+        ``max_shift_fraction * box``."""
+        rotation, shift = self._decode(raw, box)
+        if decoded is None:
+            return rotation, shift
+        rotation, shift = compose_poses(*decoded, rotation, shift)
+        return rotation, bound_shift(shift, self.config.max_shift_fraction * box)
+
+    def forward(
+        self, source: torch.Tensor, target: torch.Tensor, initial: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> JimNetOutput:
+        """Align ``source`` ``(b, d, h, w)`` onto ``target`` (same shape) and predict the pair's cluster.
+
+        ``initial`` ``(R (b, 3, 3), t (b, 3))``: a starting pose (e.g. an anchor of a multi-start search); stage 1
+        then sees the source resampled with it and every output pose is composed after it (the source is still
+        resampled once, from the original, with each cumulative pose)."""
         if source.ndim != 4 or source.shape != target.shape:
             raise ValueError(
                 f"source and target must be (b, d, h, w) of one shape, got {tuple(source.shape)} and "
@@ -104,21 +135,42 @@ class JimNet(nn.Module):
             )
         d, h, w = source.shape[-3:]
         box = source.new_tensor([w, h, d])
+        f, r = self.config.feature_size, self.config.local_radius
+        positions = feature_grid_positions(f, d, device=source.device, dtype=source.dtype)
+        offsets = local_offsets(r, d / f, device=source.device, dtype=source.dtype)
         target_features = self.extractor(target)
-        correlation = global_correlation(target_features, self.extractor(source))
-        feature, raw = self.regressors[0](correlation)
-        rotation, shift = self._decode(raw, box)
+        start = source if initial is None else transform_volumes(source, *initial)
+        source_features, source_statistics = self.extractor(start, return_statistics=True)
+        cosine = cosine_correlation(target_features, source_features)
+        feature, raw = self.regressors[0](global_correlation_map(cosine, (f, f, f)))
+        decoded = (
+            None
+            if self.decoders is None
+            else self.decoders[0].global_pose(cosine, source_features, target_features, positions)
+        )
+        rotation, shift = self._stage(raw, box, decoded)
+        if initial is not None:
+            rotation, shift = compose_poses(*initial, rotation, shift)
         features, rotations, shifts = [feature], [rotation], [shift]
         warped = [transform_volumes(source, rotation, shift)]
-        for regressor in self.regressors[1:]:
-            correlation = local_correlation(target_features, self.extractor(warped[-1]), self.config.local_radius)
-            feature, raw = regressor(correlation)
-            d_rotation, d_shift = self._decode(raw, box)
+        for i in range(1, len(self.regressors)):
+            warped_features = self.extractor(warped[-1])
+            local = local_correlation(target_features, warped_features, r)
+            feature, raw = self.regressors[i](local)
+            decoded = None
+            if self.decoders is not None:
+                reverse = local_correlation(warped_features, target_features, r)
+                decoded = self.decoders[i].local_update(
+                    local, reverse, warped_features, target_features, positions, offsets, r
+                )
+            d_rotation, d_shift = self._stage(raw, box, decoded)
             rotation, shift = compose_poses(rotation, shift, d_rotation, d_shift)
             features.append(feature)
             rotations.append(rotation)
             shifts.append(shift)
             warped.append(transform_volumes(source, rotation, shift))
+        if self.config.pooled_statistics:
+            features.append(source_statistics)
         joint = torch.cat(features, dim=1)
         logits = self.cluster_head(self.cluster_trunk(joint))
         return JimNetOutput(features=joint, logits=logits, rotations=rotations, shifts=shifts, warped=warped)

@@ -18,7 +18,7 @@ import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from jimray.config import JobConfig
+from jimray.config import ConfigError, JobConfig
 from jimray.data.reader import read_subtomograms
 from jimray.train.loop import FAULT_ENV, train_loop_per_worker
 from jimray.train.records import write_metrics, write_run_info
@@ -115,8 +115,25 @@ def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> To
     )
 
 
+def check_init_from(config: JobConfig) -> None:
+    """Fail before any Ray work when ``train.init_from`` is missing, not a pretrained model, or was pretrained
+    with another model section (the message names the file and each differing field)."""
+    if not config.train.init_from:
+        return
+    from jimray.train.pretrain import check_pretrained_fits
+    from jimray.train.state import load_pretrained
+
+    try:
+        pretrained = load_pretrained(config.train.init_from)
+        check_pretrained_fits(config.model.model_dump(mode="json"), pretrained.model_config,
+                              f"train.init_from {config.train.init_from}")  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def run_training(config: JobConfig, command: list[str] | None = None) -> dict:
     """Run (or resume) a training job; returns the summary written to ``summary.json``."""
+    check_init_from(config)
     run_dir = Path(config.output.dir).resolve()
     write_run_info(run_dir, config, command)
     init_ray()

@@ -27,7 +27,8 @@ from jimray.model.jimnet import JimNet
 from jimray.model.losses import jimnet_loss
 from jimray.train import rounds
 from jimray.train.clustering import ClusterState, cluster_embeddings, reorder_to
-from jimray.train.state import RoundState, load_round_state, save_round_state
+from jimray.train.pretrain import load_pretrained_weights
+from jimray.train.state import RoundState, load_pretrained, load_round_state, save_round_state
 
 # Test hook, read by the driver from the environment: "round=R,rank=K,marker=/path" makes worker K die once
 # in the middle of round R (the marker file records that it happened and stops it happening again).
@@ -71,6 +72,8 @@ def _build(config: JobConfig, n_clusters: int, device, state: RoundState | None)
     if state is not None:
         model.resize_head(state.n_clusters)
         model.load_state_dict(state.model_state)
+    elif config.train.init_from:
+        load_pretrained_weights(model, load_pretrained(config.train.init_from))
     model.to(device)
     return model
 

@@ -69,3 +69,43 @@ def load_round_state(directory: str | Path) -> RoundState:
             ids, labels = data["ids"], data["labels"]
     config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else None
     return RoundState(ids=ids, labels=labels, config=config, **payload)
+
+
+PRETRAINED_FILE = "pretrained.pt"
+PRETRAIN_CHECKPOINT_FILE = "pretrain_checkpoint.pt"
+
+
+@dataclass
+class Pretrained:
+    """A pretrained alignment branch (``jimray pretrain``): weights, the model section they fit, provenance."""
+
+    model_state: dict
+    model_config: dict
+    provenance: dict
+
+
+def save_pretrained(directory: str | Path, pretrained: Pretrained) -> Path:
+    """Write ``directory/pretrained.pt`` (atomically: a killed run never leaves half a file); returns its path."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (PRETRAINED_FILE + ".tmp")
+    torch.save({"model_state": pretrained.model_state, "model_config": pretrained.model_config,
+                "provenance": pretrained.provenance}, tmp)  # fmt: skip
+    tmp.replace(out / PRETRAINED_FILE)
+    return out / PRETRAINED_FILE
+
+
+def load_pretrained(path: str | Path) -> Pretrained:
+    """Read a ``pretrained.pt`` (or the folder holding one); a clear error if it is not one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / PRETRAINED_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist: give train.init_from a `jimray pretrain` output "
+                                f"({PRETRAINED_FILE} or its folder)")  # fmt: skip
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=False)
+        return Pretrained(payload["model_state"], payload["model_config"], payload.get("provenance", {}))
+    except Exception as exc:  # a truncated or foreign file: name it and say what it should be
+        raise ValueError(f"{p} is not a jimray pretrained model ({type(exc).__name__}: {exc}); rerun "
+                         "`jimray pretrain` to make one") from None
