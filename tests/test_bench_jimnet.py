@@ -60,3 +60,11 @@ def test_jimnet_method_trains_and_scores(ray_cluster):
     assert row["clustering_accuracy"] == pytest.approx(row["run_clustering_accuracy"])
     assert 0 < row["seconds_per_subtomogram"] < row["train_seconds"] < row["seconds"]
     assert math.isfinite(row["rotation_error_mean"]) and 0 <= row["rotation_error_mean"] <= 2 * math.sqrt(2)
+
+
+def test_markdown_table_leaves_not_applicable_cells_empty():
+    from jimray.bench.common import markdown_table
+
+    table = markdown_table([{"method": "PCA + GMM", "rotation_error_mean": float("nan"), "clustering_accuracy": 75.0}],
+                           ["method", "rotation_error_mean", "clustering_accuracy"])
+    assert table.splitlines()[-1] == "| PCA + GMM |  | 75 |"

@@ -72,7 +72,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """A Markdown table of ``rows`` (dicts) with the given ``columns``."""
     def fmt(v):
         if isinstance(v, float):
-            return f"{v:.4g}"
+            return "" if v != v else f"{v:.4g}"  # NaN: not applicable, an empty cell
         return str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

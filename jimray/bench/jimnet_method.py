@@ -243,7 +243,7 @@ def markdown_notes(rows: list[dict]) -> str:
         return ""
     parts = [f"{r['method']}, SNR {r['snr']:g}: train {r['train_seconds']:.0f} s, inference "
              f"{r['seconds_per_subtomogram']:.4f} "
-             f"s/pair" + (f", {r['speedup_vs_search']:.0f}x faster than the search" if "speedup_vs_search" in r
+             f"s/pair" + (f", {r['speedup_vs_search']:.2g}x the search's speed" if "speedup_vs_search" in r
                           else "") for r in ours]
     return (f"{METHOD_NAME}: trained here ({ours[0]['train_rounds']} rounds x {ours[0]['epochs_per_round']} "
             "epochs per level, K known); its seconds_per_subtomogram is the inference time per pair (training "
