@@ -60,7 +60,7 @@ def test_killed_pretraining_resumes_to_the_same_result(tmp_path):
     whole = run_pretraining(config, tmp_path / "whole")
 
     class Killed(Exception):
-        pass
+        """Stands in for the process being killed after the first checkpoint."""
 
     def die_after_first(row):
         raise Killed

@@ -76,14 +76,17 @@ def evaluate_pairs(model: JimNet, pairs: PairBatch, batch_size: int = 16) -> dic
         rot_first.append(out.rotations[0].cpu())
         shifts.append(out.shifts[-1].cpu())
     model.train()
-    true_r, true_t = pairs.rotations.cpu(), pairs.shifts.cpu()
-    errors = rotation_error(true_r, torch.cat(rot_final))
-    return {
-        "rotation_error": float(errors.mean()),
-        "rotation_error_stage1": float(rotation_error(true_r, torch.cat(rot_first)).mean()),
-        "translation_error_voxels": float(translation_error(true_t, torch.cat(shifts)).mean()),
-        "fraction_within_0.5": float((errors < 0.5).mean()),
-    }
+    row = pose_errors(pairs, torch.cat(rot_final), torch.cat(shifts))
+    return row | {"rotation_error_stage1": float(rotation_error(pairs.rotations.cpu(), torch.cat(rot_first)).mean())}
+
+
+def pose_errors(pairs: PairBatch, rotations: torch.Tensor, shifts: torch.Tensor) -> dict[str, float]:
+    """The paper's metrics of predicted ``rotations (n, 3, 3)`` / ``shifts (n, 3)`` against ``pairs``' truth:
+    mean rotation error, the fraction within 0.5 (about 20 degrees), mean translation error (voxels)."""
+    errors = rotation_error(pairs.rotations.cpu(), rotations)
+    return {"rotation_error": float(errors.mean()),
+            "translation_error_voxels": float(translation_error(pairs.shifts.cpu(), shifts).mean()),
+            "fraction_within_0.5": float((errors < 0.5).mean())}  # fmt: skip
 
 
 def _mixed_pairs(references: list[torch.Tensor], n: int, plan: PairTraining, seed: int, angle: float) -> PairBatch:
@@ -129,11 +132,10 @@ class HeldOutPairs:
             shifts.append(t.cpu())
         model.train()
         seconds = (time.perf_counter() - start) / len(pairs.source)
-        errors = rotation_error(pairs.rotations.cpu(), torch.cat(rotations))
-        return {"anchors": anchors, "rotation_error": float(errors.mean()),
-                "rotation_error_median": float(np.median(errors)), "fraction_within_0.5": float((errors < 0.5).mean()),
-                "translation_error_voxels": float(translation_error(pairs.shifts.cpu(), torch.cat(shifts)).mean()),
-                "seconds_per_pair": seconds}  # fmt: skip
+        rotations = torch.cat(rotations)
+        median = float(np.median(rotation_error(pairs.rotations.cpu(), rotations)))
+        errors = pose_errors(pairs, rotations, torch.cat(shifts))
+        return {"anchors": anchors, "rotation_error_median": median, **errors, "seconds_per_pair": seconds}
 
     def row(self, model: JimNet, angle: float) -> dict[str, float]:
         row = evaluate_pairs(model, self.pairs(FULL_RANGE))
@@ -194,6 +196,11 @@ def train_on_pairs(
         curve, done, spent = list(resume["curve"]), int(resume["step"]), float(resume["train_seconds"])
     result = {"identity_rotation_error": float(rotation_error(full.rotations.cpu(), identity).mean())}
     start, losses = time.perf_counter() - spent, []
+
+    def snapshot(step: int) -> dict:  # what a checkpoint (and the caller) needs after ``step``
+        return {"curve": curve, "train_seconds": time.perf_counter() - start, "step": step,
+                "optimizer_state": optimizer.state_dict()}  # fmt: skip
+
     if progress is not None and done:
         progress(done)
     for step in range(done + 1, plan.total_steps + 1):
@@ -205,14 +212,12 @@ def train_on_pairs(
                    "loss": float(np.mean(losses)), "seconds": time.perf_counter() - start}  # fmt: skip
             curve.append(row | held_out.row(model, angle))
             losses = []
-            result |= {"curve": curve, "train_seconds": time.perf_counter() - start, "step": step,
-                       "optimizer_state": optimizer.state_dict()}  # fmt: skip
+            result |= snapshot(step)
             if on_eval is not None:
                 on_eval(result)
         if progress is not None:
             progress(step)
-    result |= {"curve": curve, "train_seconds": time.perf_counter() - start, "step": plan.total_steps,
-               "optimizer_state": optimizer.state_dict()}  # fmt: skip
+    result |= snapshot(plan.total_steps)
     if final_anchors:
         result["multistart"] = held_out.multistart_row(model, final_anchors)
     return result
