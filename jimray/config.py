@@ -129,6 +129,27 @@ class PretrainConfig(_Strict):
         return self
 
 
+class FrameConfig(_Strict):
+    """The embedding each round's mixture clusters (:mod:`jimray.cluster.frame`)."""
+
+    embedding: Literal["frame", "network"] = Field(
+        "frame", description="frame: aligned scores against mode-seeking references; network: Jim-Net F(x, x)"
+    )
+    n_references: int = Field(30, ge=2, description="references R of the common frame")
+    members_per_reference: int = Field(15, ge=1, description="particles averaged into each reference per round")
+    angular_step_degrees: float = Field(30.0, gt=0, le=90, description="rotation grid of the alignment")
+    lowpass_cycles_per_voxel: float = Field(0.25, gt=0, le=0.5, description="highest frequency scored")
+    max_shift_voxels: float = Field(4.0, ge=0, description="largest shift searched")
+    mask_radius_fraction: float = Field(0.33, gt=0, le=0.5, description="reference mask radius, fraction of box")
+
+    def options(self, seed: int):
+        from jimray.cluster.frame import FrameOptions
+
+        return FrameOptions(self.n_references, self.members_per_reference, self.angular_step_degrees,
+                            self.lowpass_cycles_per_voxel, self.max_shift_voxels, self.mask_radius_fraction,
+                            seed=seed)
+
+
 class ScalingConfig(_Strict):
     """How many Ray Train workers and what each needs."""
 
@@ -216,6 +237,7 @@ class JobConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     gmm: GMMConfig = Field(default_factory=GMMConfig)
+    frame: FrameConfig = Field(default_factory=FrameConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import starfile
 import torch
 from conftest import TINY_TRAINING
 
@@ -96,3 +97,32 @@ def test_training_starts_from_a_pretrained_model(ray_cluster, tiny_data, tmp_pat
     for key, value in pretrained.items():
         if not key.startswith("cluster_head."):
             assert torch.allclose(trained[key], value, atol=1e-6), key
+
+
+@pytest.fixture(scope="module")
+def easy_data(tmp_path_factory):
+    """Two very different structures (a ribosome and a small membrane protein) at high SNR, 12 each."""
+    out = tmp_path_factory.mktemp("easydata")
+    sim, names = simulate_dataset(None, per_class=12, snr=10.0, box=16, voxel_size_angstrom=20.0,
+                                  tilt_range_degrees=60.0, seed=2)
+    keep = (sim.classes == 0) | (sim.classes == 3)  # 6zu5_ribosome and 6msm_cftr
+    sim = type(sim)(**{k: getattr(sim, k)[keep] for k in ("volumes", "classes", "rotations", "shifts",
+                                                          "euler_degrees")})
+    write_simulated_dataset(out, sim, 20.0, 60.0, names, rows_per_shard=7)
+    return out / "shards"
+
+
+def test_easy_training_finds_both_structures_and_predict_reproduces_them(ray_cluster, easy_data, tmp_path):
+    from jimray.predict.pipeline import predict
+
+    out = tmp_path / "run"
+    summary = _run(easy_data, out, rounds=2, extra=["gmm.n_components=2", "gmm.covariance_type=diag"])
+    assert summary["clustering_accuracy"] >= 0.9, summary  # chance is 0.5
+    pred = predict(out, easy_data, tmp_path / "pred", actors=1, batch_size=8, iterations=1, average=False)
+    assert "common frame" in pred.rule
+    star = starfile.read(tmp_path / "pred" / "particles.star", always_dict=True)["particles"]
+    ids = [int(str(name).rsplit("_", 1)[1].split(".")[0]) for name in star["rlnImageName"]]
+    with np.load(out / "model" / "labels.npz") as saved:
+        final = dict(zip(saved["ids"].tolist(), saved["labels"].tolist(), strict=True))
+    agree = np.mean([final[i] == label - 1 for i, label in zip(ids, star["rlnClassNumber"], strict=True)])
+    assert agree >= 0.99, agree

@@ -84,6 +84,7 @@ class CompareOptions:
     refine_steps: int = 4
     mra_iterations: int = 3
     pca_components: int = 10
+    frame_rounds: int = 5  # common frame (jimray): mode-seeking rounds
     seed: int = 0
     jimnet_rounds: int = 3  # Jim-Net (measured, jimray.bench.jimnet_method): training rounds per level
     jimnet_epochs: int = 2  # epochs per round
@@ -163,6 +164,75 @@ def pca_method(kind: str, options: CompareOptions) -> Callable[[Dataset], Method
     return run
 
 
+def true_pose_ceiling_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+    """The ceiling: every subtomogram turned back with its TRUE pose, normalised, masked (sphere of a third of
+    the box), PCA 16 + GMM. No method can know the poses; it shows what clustering in a perfect frame gives."""
+    from jimray.average.wedge_average import align_to_reference_frame
+    from jimray.baselines.pca_cluster import pca_gmm
+    from jimray.cluster.frame import spherical_mask
+
+    def run(ds: Dataset) -> MethodResult:
+        aligned = align_to_reference_frame(ds.volumes, ds.rotations, ds.shifts)
+        aligned = (aligned - aligned.mean(dim=(1, 2, 3), keepdim=True)) / aligned.std(dim=(1, 2, 3), keepdim=True)
+        masked = aligned * spherical_mask(tuple(aligned.shape[1:]), 0.33 * aligned.shape[-1])
+        return MethodResult(labels=pca_gmm(masked, ds.n_classes, n_components=16, seed=options.seed))
+
+    return run
+
+
+def _embedding_gmm(embedding: torch.Tensor, k: int, seed: int, pca_dims: int = 8) -> np.ndarray:
+    from jimray.cluster.gmm import GaussianMixture
+    from jimray.cluster.pca import whitened_projection
+
+    z, _ = whitened_projection(embedding.double(), pca_dims)
+    gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-3, n_init=5, max_iter=300, random_state=seed)
+    return np.asarray(gmm.fit(z).predict(z), dtype=np.int64)
+
+
+def invariant_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+    """Rotation-invariant features (radial profile + radially averaged power spectrum over the measured
+    voxels, :mod:`jimray.cluster.invariant`), whitened PCA 8 + diagonal GMM: no alignment, no network."""
+    from jimray.cluster.invariant import invariant_features
+
+    def run(ds: Dataset) -> MethodResult:
+        features = invariant_features(ds.volumes, ds.tilt_range_degrees)
+        return MethodResult(labels=_embedding_gmm(features, ds.n_classes, options.seed))
+
+    return run
+
+
+def frame_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+    """jimray's common frame (:mod:`jimray.cluster.frame`, the default embedding of `jimray train`): mode-seeking
+    references, ``options.frame_rounds`` rounds, aligned-score embedding, whitened PCA 8 + diagonal GMM. Pair
+    poses: source and target aligned onto the source's best reference, composed."""
+    from jimray.cluster.frame import FrameOptions, frame_scores
+    from jimray.cluster.reduce import LocalReducer
+    from jimray.train.frame_step import frame_step
+
+    def run(ds: Dataset) -> MethodResult:
+        ids, tilts = np.arange(len(ds.classes)), np.full(len(ds.classes), ds.tilt_range_degrees, np.float32)
+        frame, history = None, []
+        for _ in range(options.frame_rounds):
+            embedding, frame = frame_step(ds.volumes, tilts, ids, ds.volumes.shape[-1],
+                                          FrameOptions(angular_step_degrees=options.angular_step_degrees,
+                                                       seed=options.seed), LocalReducer(), frame)
+            labels = _embedding_gmm(embedding, ds.n_classes, options.seed)
+            history.append(round(100.0 * clustering_accuracy(ds.classes, labels), 1))
+        src, tgt = ds.pairs[:, 0], ds.pairs[:, 1]
+        scores = frame_scores(ds.volumes[np.concatenate([src, tgt])], tilts[: 2 * len(src)], frame.references,
+                              frame.options, frame.reference_tilt_range_degrees)
+        best = scores.scores[: len(src)].argmax(dim=1)
+        idx = torch.arange(len(src))
+        r_s, t_s = scores.rotations[idx, best], scores.shifts[idx, best]
+        r_t, t_t = scores.rotations[idx + len(src), best], scores.shifts[idx + len(src), best]
+        inv_r, inv_t = invert_pose(r_s, t_s)
+        pair_r, pair_t = compose_poses(inv_r, inv_t, r_t, t_t)
+        return MethodResult(labels=labels, pair_rotations=pair_r, pair_shifts=pair_t,
+                            extra={"accuracy_per_round": history})
+
+    return run
+
+
 _EXTRA_METHODS: dict[str, Callable[[CompareOptions], Callable[[Dataset], MethodResult] | None]] = {}
 
 
@@ -180,6 +250,9 @@ def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], Meth
 
     step = f"{options.angular_step_degrees:g} deg"
     methods = {
+        "true poses (ceiling)": true_pose_ceiling_method(options),
+        "rotation-invariant features": invariant_method(options),
+        f"common frame (jimray, {options.frame_rounds} rounds)": frame_method(options),
         f"constrained-CC search ({step})": classical_search_method(options),
         f"MRA ({options.mra_iterations} it, {step})": mra_method(options),
         "PCA + k-means": pca_method("kmeans", options),
@@ -269,6 +342,7 @@ def register(bench_app: typer.Typer) -> None:
         pairs: int = typer.Option(10, help="same-class pairs aligned per level"),
         angular_step: float = typer.Option(30.0, help="classical search grid step, degrees"),
         mra_iterations: int = typer.Option(3, help="MRA iterations"),
+        frame_rounds: int = typer.Option(5, help="common frame (jimray): mode-seeking rounds"),
         methods: str = typer.Option("", help="comma-separated substrings of method names to run (default all)"),
         seed: int = typer.Option(0, help="simulation and method seed"),
         out: str = typer.Option("benchmarks", help="folder for compare.json and compare.md"),
@@ -281,7 +355,8 @@ def register(bench_app: typer.Typer) -> None:
         """Classical alignment/clustering baselines vs Jim-Net's paper numbers on the SNR sweep (box 32, tilt 60)."""
         opts = CompareOptions(snrs=_floats(snrs), structures=tuple(s.strip() for s in structures.split(",")),
                               per_class=per_class, pairs=pairs, angular_step_degrees=angular_step,
-                              mra_iterations=mra_iterations, seed=seed, jimnet_rounds=jimnet_rounds,
+                              mra_iterations=mra_iterations, frame_rounds=frame_rounds, seed=seed,
+                              jimnet_rounds=jimnet_rounds,
                               jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None,
                               jimnet_init=jimnet_init or None)
         from jimray.bench.jimnet_method import add_speedups, markdown_notes

@@ -114,3 +114,27 @@ def fit_pca(X, n_dims: int, reducer: Reducer | None = None, dtype: torch.dtype =
     if reducer.world_size > 1:
         comps = reducer.broadcast(comps)
     return PCAState(mean, comps, evals[order].clamp_min(0), int(n), "torch")
+
+
+def whitened_projection(embeddings: torch.Tensor, pca_dims: int | None, reducer: Reducer | None = None
+                        ) -> tuple[torch.Tensor, PCAState]:
+    """Standardise each embedding dimension, PCA to ``pca_dims`` (all dims when None) and whiten, all
+    from statistics over every worker; returns the projected rows and ONE :class:`PCAState` holding the whole
+    affine map (so ``jimray predict`` applies exactly the same projection).
+
+    Standardising and whitening make the mixture (and its ``reg_covar``) independent of the embeddings' scale,
+    which changes by orders of magnitude as the network trains; dimensions that do not vary get weight 0.
+    """
+    reducer = as_reducer(reducer)
+    x = embeddings.double()
+    stats = reducer.all_reduce_sum(torch.cat([x.new_tensor([float(x.shape[0])]), x.sum(0), (x * x).sum(0)]))
+    n, d = float(stats[0]), x.shape[1]
+    mean = stats[1 : d + 1] / n
+    std = (stats[d + 1 :] / n - mean**2).clamp_min(0).sqrt()
+    scale = torch.where(std > 1e-12 * std.max().clamp_min(1e-300), 1.0 / std.clamp_min(1e-300), 0.0)
+    n_dims = min(pca_dims or d, d)
+    pca = fit_pca((x - mean) * scale, n_dims, reducer=reducer)
+    whiten = pca.explained_variance.clamp_min(1e-12 * pca.explained_variance.max().clamp_min(1e-300)).rsqrt()
+    folded = PCAState(mean, pca.components * whiten[:, None] * scale[None, :], pca.explained_variance,
+                      pca.n_samples, pca.backend)
+    return torch.as_tensor(folded.transform(x)), folded

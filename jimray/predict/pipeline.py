@@ -57,11 +57,13 @@ class PredictSummary:
     clustering_accuracy: float | None = None
     template_history: list[list[float | None]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    rule: str = ""
 
 
 def cluster_table(ds, run_ref, *, actors: int = 2, batch_size: int = 16) -> LabelTable:
     """Pass 1: every particle's cluster and posterior (only ids, labels and probabilities reach the driver)."""
-    labelled = map_with_actors(ds.select_columns(["id", "volume"]), ClusterPredictor, actors=actors,
+    columns = ["id", "volume", "tilt_range_degrees"]
+    labelled = map_with_actors(ds.select_columns(columns), ClusterPredictor, actors=actors,
                                batch_size=batch_size, run=run_ref).select_columns(["id", "label", "probability"])
     ids, labels, probabilities = [], [], []
     for batch in labelled.iter_batches(batch_size=4096, batch_format="numpy"):
@@ -178,7 +180,7 @@ def predict(
                            cfg.voxel_size_angstrom, normalize=cfg.normalize)
     run_ref, k = ray.put(run.payload()), run.n_clusters
     table = cluster_table(ds, run_ref, actors=actors, batch_size=batch_size)
-    say(f"clustered {len(table)} subtomograms into {int((table.sizes(k) > 0).sum())} of {k} clusters")
+    say(f"clustered {len(table)} subtomograms into {int((table.sizes(k) > 0).sum())} of {k} clusters ({run.rule})")
     estimate = estimate_references(ds, run_ref, table, k, iterations=iterations, initial=initial, actors=actors,
                                    batch_size=batch_size, progress=say)
     df = predict_poses(ds, run_ref, ray.put(estimate.references), ray.put(table), actors=actors,
@@ -197,7 +199,7 @@ def predict(
     accuracy = clustering_accuracy(df["true_class"], df["label"]) if "true_class" in df.columns else None
     summary = PredictSummary(out, star, len(df), k, table.sizes(k).tolist(), references, 0.0, averaged, note, accuracy,
                              [[None if np.isnan(x) else float(x) for x in h] for h in estimate.history])
-    summary.seconds = time.perf_counter() - started
+    summary.seconds, summary.rule = time.perf_counter() - started, run.rule
     summary.files = sorted(p for p in out.iterdir() if p.is_file())
     _write_summary(summary, run_dir, data)
     return summary
@@ -218,6 +220,7 @@ def _write_summary(summary: PredictSummary, run_dir, data) -> None:
               "n_particles": summary.n_particles, "n_clusters": summary.n_clusters,
               "cluster_sizes": summary.cluster_sizes, "clustering_accuracy": summary.clustering_accuracy,
               "template_history": summary.template_history, "averaged": summary.averaged,
-              "averaging_note": summary.averaging_note, "seconds": round(summary.seconds, 3),
+              "averaging_note": summary.averaging_note, "cluster_rule": summary.rule,
+              "seconds": round(summary.seconds, 3),
               "references": [p.name for p in summary.reference_paths]}
     (summary.out_dir / SUMMARY_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -109,7 +109,9 @@ class ClusterPredictor:
         self.run = TrainedRun.from_payload(_resolve(run), _device())
 
     def __call__(self, batch: dict) -> dict:
-        probabilities = self.run.cluster_probabilities(_volumes(batch, self.run.device)).cpu().numpy()
+        tilts = batch.get("tilt_range_degrees")
+        tilts = None if tilts is None else np.asarray(tilts, dtype=np.float32)
+        probabilities = self.run.cluster_probabilities(_volumes(batch, self.run.device), tilts).cpu().numpy()
         out = dict(batch)
         out["label"] = probabilities.argmax(axis=1).astype(np.int64)
         out["probability"] = probabilities.max(axis=1)

@@ -7,8 +7,11 @@ Ray actors as plain tensors (``ray.put`` once, loaded once per actor).
 
 The two inference maths used by ``jimray predict``:
 
-* :meth:`TrainedRun.cluster_probabilities`: ``model.embed(x)`` -> PCA -> ``gmm.predict_proba`` (the same
-  path as a training round's clustering step);
+* :meth:`TrainedRun.cluster_probabilities`: the last round's embedding -> PCA -> ``gmm.predict_proba``, the
+  same path as that round's clustering step (:attr:`TrainedRun.rule` names it): for a common-frame run the
+  aligned scores against the references stored with the round (:class:`jimray.train.frame_step.FrameRound`),
+  so prediction on the training data gives the final round's labels; for a network-embedding run
+  ``model.embed(x)`` (the weights are those after the round's training, the mixture is from before it);
 * :meth:`TrainedRun.particle_poses`: Jim-Net ``G(particle, reference)`` gives ``(R, t)`` with
   ``reference ~ transform(particle, R, t)``; the returned pose is its inverse, RELION's "reference rotated
   into the particle": ``particle ~ transform(reference, R', t')`` (:func:`jimray.conventions.invert_pose`).
@@ -26,6 +29,7 @@ from jimray.cluster.pca import PCAState
 from jimray.config import ConfigError, JobConfig, load_job
 from jimray.conventions import invert_pose
 from jimray.model.jimnet import JimNet
+from jimray.train.frame_step import FrameRound
 from jimray.train.state import MODEL_DIR
 
 __all__ = ["RunError", "TrainedRun", "load_trained_run", "CONFIG_FILE", "MODEL_DIR"]
@@ -47,6 +51,15 @@ class TrainedRun:
     gmm: GaussianMixture
     pca: PCAState | None
     run_dir: Path | None = None
+    frame: FrameRound | None = None
+
+    @property
+    def rule(self) -> str:
+        """How clusters are predicted, in words (recorded in predict.json)."""
+        if self.frame is not None:
+            return (f"common frame: aligned scores against the final round's {self.frame.references.shape[0]} "
+                    "references -> PCA -> GMM of that round")
+        return "network: Jim-Net F(x, x) -> PCA -> GMM of the final round"
 
     @property
     def n_clusters(self) -> int:
@@ -64,6 +77,7 @@ class TrainedRun:
             "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "gmm_state": self.gmm.get_state(),
             "pca_state": None if self.pca is None else self.pca.get_state(),
+            "frame_state": None if self.frame is None else self.frame.get_state(),
         }
 
     @classmethod
@@ -71,13 +85,19 @@ class TrainedRun:
         """Rebuild from :meth:`payload` (or the same keys of a round checkpoint) on ``device`` (default CPU)."""
         config = JobConfig.model_validate(payload["config"])
         return _build(config, payload["n_clusters"], payload["model_state"], payload["gmm_state"],
-                      payload["pca_state"], device, None)
+                      payload["pca_state"], device, None, payload.get("frame_state"))
 
-    def cluster_probabilities(self, volumes: torch.Tensor) -> torch.Tensor:
-        """Posterior of each cluster ``(b, K)`` (float64) for volumes ``(b, d, h, w)`` (normalised like training)."""
+    def cluster_probabilities(self, volumes: torch.Tensor, tilt_range_degrees=None) -> torch.Tensor:
+        """Posterior of each cluster ``(b, K)`` (float64) for volumes ``(b, d, h, w)`` (normalised like training)
+        with tilt ranges (a number or ``(b,)``, degrees; default the job's ``data.tilt_range_degrees``)."""
         _check_volumes(volumes, "volumes")
         with torch.no_grad():
-            embeddings = self.model.embed(volumes.to(self.device, torch.float32)).double()
+            if self.frame is not None:
+                tilts = self.config.data.tilt_range_degrees if tilt_range_degrees is None else tilt_range_degrees
+                tilts = torch.as_tensor(tilts, dtype=torch.float32).reshape(-1).expand(volumes.shape[0])
+                embeddings = self.frame.embed(volumes.cpu().float(), tilts.contiguous())
+            else:
+                embeddings = self.model.embed(volumes.to(self.device, torch.float32)).double()
             z = embeddings if self.pca is None else self.pca.transform(embeddings)
             return self.gmm.predict_proba(z)
 
@@ -98,7 +118,7 @@ def _check_volumes(volumes: torch.Tensor, name: str) -> None:
 
 
 def _build(config: JobConfig, n_clusters: int, model_state: dict, gmm_state: dict | None, pca_state: dict | None,
-           device, run_dir: Path | None) -> TrainedRun:
+           device, run_dir: Path | None, frame_state: dict | None = None) -> TrainedRun:
     if not gmm_state or "means" not in gmm_state:
         where = run_dir / MODEL_DIR if run_dir is not None else "the checkpoint"
         raise RunError(f"{where}: the checkpoint holds no fitted GMM; train at least one full round "
@@ -108,7 +128,8 @@ def _build(config: JobConfig, n_clusters: int, model_state: dict, gmm_state: dic
     model.to(device or "cpu").eval()
     gmm = GaussianMixture.from_state(gmm_state, device=device)
     pca = PCAState.from_state(pca_state) if pca_state else None
-    return TrainedRun(config=config, model=model, gmm=gmm, pca=pca, run_dir=run_dir)
+    frame = FrameRound.from_state(frame_state) if frame_state else None
+    return TrainedRun(config=config, model=model, gmm=gmm, pca=pca, run_dir=run_dir, frame=frame)
 
 
 def load_trained_run(run_dir: str | Path, device: torch.device | str | None = None) -> TrainedRun:
@@ -132,7 +153,8 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str | None = No
         raise RunError(f"{model_dir / STATE_FILE}: unreadable checkpoint ({exc}); re-run `jimray train`") from None
     config = _load_config(run, state.config)
     try:
-        return _build(config, state.n_clusters, state.model_state, state.gmm_state, state.pca_state, device, run)
+        return _build(config, state.n_clusters, state.model_state, state.gmm_state, state.pca_state, device, run,
+                      state.frame_state)
     except RuntimeError as exc:  # load_state_dict: the config does not describe the saved network
         raise RunError(f"{model_dir / STATE_FILE}: the weights do not match the model in {run / CONFIG_FILE} "
                        f"({str(exc).splitlines()[0]}); restore the run's original config.yaml") from None

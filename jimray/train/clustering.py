@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from jimray.cluster.gmm import GaussianMixture
-from jimray.cluster.pca import PCAState, fit_pca
+from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import Reducer
 from jimray.cluster.select import fit_best_k, gmm_kwargs
 from jimray.config import GMMConfig
@@ -47,28 +47,6 @@ class ClusterState:
         return cls(np.zeros(0, np.int64), state.n_clusters, float("nan"), gmm, pca)
 
 
-def project(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer) -> tuple[torch.Tensor, PCAState]:
-    """Standardise each embedding dimension, PCA to ``config.pca_dims`` (all dims when None) and whiten, all
-    from statistics over every worker; returns the projected rows and ONE :class:`PCAState` holding the whole
-    affine map (so ``jimray predict`` applies exactly the same projection).
-
-    Standardising and whitening make the mixture (and its ``reg_covar``) independent of the embeddings' scale,
-    which changes by orders of magnitude as the network trains; dimensions that do not vary get weight 0.
-    """
-    x = embeddings.double()
-    stats = reducer.all_reduce_sum(torch.cat([x.new_tensor([float(x.shape[0])]), x.sum(0), (x * x).sum(0)]))
-    n, d = float(stats[0]), x.shape[1]
-    mean = stats[1 : d + 1] / n
-    std = (stats[d + 1 :] / n - mean**2).clamp_min(0).sqrt()
-    scale = torch.where(std > 1e-12 * std.max().clamp_min(1e-300), 1.0 / std.clamp_min(1e-300), 0.0)
-    n_dims = min(config.pca_dims or d, d)
-    pca = fit_pca((x - mean) * scale, n_dims, reducer=reducer)
-    whiten = pca.explained_variance.clamp_min(1e-12 * pca.explained_variance.max().clamp_min(1e-300)).rsqrt()
-    folded = PCAState(mean, pca.components * whiten[:, None] * scale[None, :], pca.explained_variance,
-                      pca.n_samples, pca.backend)
-    return torch.as_tensor(folded.transform(x)), folded
-
-
 def _means_from_labels(z: torch.Tensor, labels: np.ndarray, k: int, reducer: Reducer) -> torch.Tensor | None:
     """Global per-cluster means of ``z`` under last round's labels, or None if a cluster is empty."""
     onehot = torch.zeros((z.shape[0], k), dtype=z.dtype)
@@ -95,7 +73,7 @@ def cluster_embeddings(
     previous_k: int | None,
 ) -> ClusterState:
     """Fit PCA + GMM on the global set of embeddings; returns local labels (before matching to last round)."""
-    z, pca = project(embeddings, config, reducer)
+    z, pca = whitened_projection(embeddings, config.pca_dims, reducer)
     kwargs = gmm_kwargs(config)
     if config.n_components is None:
         gmm, _table = fit_best_k(z, config.candidates, reducer=reducer, **kwargs)

@@ -27,6 +27,7 @@ from jimray.model.jimnet import JimNet
 from jimray.model.losses import jimnet_loss
 from jimray.train import rounds
 from jimray.train.clustering import ClusterState, cluster_embeddings, reorder_to
+from jimray.train.frame_step import FrameRound, frame_step
 from jimray.train.pretrain import load_pretrained_weights
 from jimray.train.state import RoundState, load_pretrained, load_round_state, save_round_state
 
@@ -174,7 +175,8 @@ def _gather_labels(ctx: _Context, ids: np.ndarray, labels: np.ndarray) -> tuple[
     return all_ids[order], all_labels[order]
 
 
-def _report(ctx, model, optimizer, cluster: ClusterState, history, ids, labels, round_index: int) -> None:
+def _report(ctx, model, optimizer, cluster: ClusterState, history, ids, labels, round_index: int,
+            frame: FrameRound | None) -> None:
     all_ids, all_labels = _gather_labels(ctx, ids, labels)
     metrics = dict(history[-1])
     if ctx.rank != 0:
@@ -191,6 +193,7 @@ def _report(ctx, model, optimizer, cluster: ClusterState, history, ids, labels, 
         ids=all_ids,
         labels=all_labels,
         config=ctx.config.model_dump(mode="json"),
+        frame_state=None if frame is None else frame.get_state(),
     )
     with tempfile.TemporaryDirectory() as tmp:
         save_round_state(tmp, state)
@@ -239,21 +242,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state is not None and state.optimizer_state is not None:
         optimizer.load_state_dict(state.optimizer_state)
     cluster_prev = None if state is None else ClusterState.from_checkpoint(state)
+    frame = None if state is None or state.frame_state is None else FrameRound.from_state(state.frame_state)
     for round_index in range(start + 1, config.train.rounds + 1):
-        optimizer, cluster, local, metrics = _run_round(ctx, model, optimizer, cluster_prev, round_index,
-                                                        loop_config.get("fault"))
+        optimizer, cluster, local, frame, metrics = _run_round(ctx, model, optimizer, cluster_prev, frame,
+                                                               round_index, loop_config.get("fault"))
         history.append(metrics)
         _log_round(ctx, metrics)
         cluster_prev = cluster
-        _report(ctx, model, optimizer, cluster, history, local.ids, cluster.labels, round_index)
+        _report(ctx, model, optimizer, cluster, history, local.ids, cluster.labels, round_index, frame)
     if start >= config.train.rounds and history:
         ray.train.report(dict(history[-1]))
 
 
-def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterState | None, round_index: int,
-               fault: str | None):
+def _embed(ctx: _Context, model: JimNet, frame_prev: FrameRound | None, round_index: int):
+    """(a): the local embeddings (Jim-Net's ``F(x, x)`` or the common frame's) and the round's frame state."""
+    config = ctx.config
+    frame_mode = config.frame.embedding == "frame"
+    local = rounds.embed_shard(None if frame_mode else model, ctx.batches(), ctx.device,
+                               _reservoir_capacity(config, ctx.world), config.train.seed + round_index)
+    if not frame_mode:
+        return local, None
+    local.embeddings, frame = frame_step(local.volumes, local.tilts, local.ids, config.data.box_size,
+                                         config.frame.options(config.train.seed), ctx.reducer, frame_prev)
+    local.volumes = None
+    return local, frame
+
+
+def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterState | None,
+               frame_prev: FrameRound | None, round_index: int, fault: str | None):
     """(a)-(d) of one round; returns the (possibly new) optimiser, the matched clustering, the local
-    embeddings and the round's metrics (timings of each step included)."""
+    embeddings, the frame state (None with the network embedding) and the round's metrics (with timings)."""
     config = ctx.config
     clock = [time.perf_counter()]
 
@@ -261,9 +279,7 @@ def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterSta
         clock.append(time.perf_counter())
         return clock[-1] - clock[-2]
 
-    local = rounds.embed_shard(
-        model, ctx.batches(), ctx.device, _reservoir_capacity(config, ctx.world), config.train.seed + round_index
-    )
+    local, frame = _embed(ctx, model, frame_prev, round_index)
     seconds = {"seconds_embed": lap()}
     previous = _previous_labels(ctx, local.ids, first_round=cluster_prev is None)
     prev_k = None if cluster_prev is None else cluster_prev.n_clusters
@@ -285,7 +301,7 @@ def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterSta
     seconds["seconds_train"] = lap()
     seconds["pairs_per_second"] = losses.get("steps", 0) * config.train.batch_size / max(seconds["seconds_train"], 1e-9)
     metrics = _round_metrics(ctx, local, labels, cluster, changed, losses, clock[-1] - clock[0])
-    return optimizer, cluster, local, {"round": round_index, **metrics, **seconds}
+    return optimizer, cluster, local, frame, {"round": round_index, **metrics, **seconds}
 
 
 def _reservoir_capacity(config: JobConfig, world_size: int) -> int:

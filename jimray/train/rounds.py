@@ -27,7 +27,8 @@ TRUTH_COLUMN = "true_class"
 @dataclass
 class LocalEmbeddings:
     """One worker's share of a round: ids (n,), embeddings (n, f), tilts (n,), true classes (n,) or None,
-    and a reservoir of candidate target volumes (ids (r,), volumes (r, d, h, w), tilts (r,))."""
+    a reservoir of candidate target volumes (ids (r,), volumes (r, d, h, w), tilts (r,)) and, for the
+    common-frame embedding, all of this worker's volumes (n, d, h, w) (else None)."""
 
     ids: np.ndarray
     embeddings: torch.Tensor
@@ -36,6 +37,7 @@ class LocalEmbeddings:
     reservoir_ids: np.ndarray
     reservoir_volumes: np.ndarray
     reservoir_tilts: np.ndarray
+    volumes: torch.Tensor | None = None
 
 
 class _Reservoir:
@@ -63,10 +65,13 @@ class _Reservoir:
 
 
 def embed_shard(
-    model: torch.nn.Module, batches, device: torch.device, reservoir_capacity: int, seed: int
+    model: torch.nn.Module | None, batches, device: torch.device, reservoir_capacity: int, seed: int
 ) -> LocalEmbeddings:
     """(a) Embed every batch (dicts of numpy arrays with ``id``, ``volume`` (b, d, h, w), ``tilt_range_degrees``
-    and optionally ``true_class``) with ``model.embed`` in eval mode."""
+    and optionally ``true_class``) with ``model.embed`` in eval mode; with ``model=None`` keep the volumes
+    instead (the common-frame embedding, :mod:`jimray.train.frame_step`, is computed from them)."""
+    if model is None:
+        return _collect_shard(batches, reservoir_capacity, seed)
     ids, embs, tilts, truth = [], [], [], []
     reservoir = _Reservoir(reservoir_capacity, seed)
     was_training = model.training
@@ -92,6 +97,29 @@ def embed_shard(
         reservoir_ids=np.asarray(reservoir.ids, dtype=np.int64),
         reservoir_volumes=np.stack(reservoir.volumes) if box else np.zeros((0, 1, 1, 1), np.float32),
         reservoir_tilts=np.asarray(reservoir.tilts, dtype=np.float32),
+    )
+
+
+def _collect_shard(batches, reservoir_capacity: int, seed: int) -> LocalEmbeddings:
+    ids, volumes, tilts, truth = [], [], [], []
+    reservoir = _Reservoir(reservoir_capacity, seed)
+    for batch in batches:
+        volumes.append(np.ascontiguousarray(batch["volume"], dtype=np.float32))
+        ids.append(np.asarray(batch["id"], dtype=np.int64))
+        tilts.append(np.asarray(batch["tilt_range_degrees"], dtype=np.float32))
+        if TRUTH_COLUMN in batch:
+            truth.append(np.asarray(batch[TRUTH_COLUMN], dtype=np.int64))
+        reservoir.offer(ids[-1], volumes[-1], tilts[-1])
+    stack = torch.from_numpy(np.concatenate(volumes)) if volumes else torch.zeros((0, 1, 1, 1))
+    return LocalEmbeddings(
+        ids=np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        embeddings=torch.zeros((len(stack), 0), dtype=torch.float64),
+        tilts=np.concatenate(tilts) if tilts else np.zeros(0, np.float32),
+        truth=np.concatenate(truth) if truth else None,
+        reservoir_ids=np.asarray(reservoir.ids, dtype=np.int64),
+        reservoir_volumes=np.stack(reservoir.volumes) if reservoir.volumes else np.zeros((0, 1, 1, 1), np.float32),
+        reservoir_tilts=np.asarray(reservoir.tilts, dtype=np.float32),
+        volumes=stack,
     )
 
 

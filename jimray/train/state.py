@@ -34,6 +34,7 @@ class RoundState:
     ids: np.ndarray | None = None
     labels: np.ndarray | None = None
     config: dict | None = None
+    frame_state: dict | None = None  # jimray.train.frame_step.FrameRound.get_state(), common-frame runs only
 
 
 def save_round_state(directory: str | Path, state: RoundState) -> Path:
@@ -48,6 +49,7 @@ def save_round_state(directory: str | Path, state: RoundState) -> Path:
         "gmm_state": state.gmm_state,
         "pca_state": state.pca_state,
         "history": state.history,
+        "frame_state": state.frame_state,
     }
     torch.save(payload, out / STATE_FILE)
     if state.ids is not None:

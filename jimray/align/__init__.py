@@ -1,0 +1,1 @@
+"""Alignment of particles against wedge-free references (kernels: pure torch, no Ray, no files)."""
