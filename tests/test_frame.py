@@ -100,5 +100,6 @@ def test_distributed_frame_step_equals_single_process(tmp_path):
     parts = [torch.load(tmp_path / f"frame{r}.pt", weights_only=False) for r in range(2)]
     assert torch.allclose(torch.cat([p["first"] for p in parts]), first, atol=1e-5)
     assert torch.allclose(torch.cat([p["second"] for p in parts]), second, atol=1e-4)
-    assert torch.allclose(parts[0]["refs"], frame2.next_references, atol=1e-4)
+    scale = float(frame2.next_references.abs().max())  # sums of float32 volumes: compare relative to their size
+    assert torch.allclose(parts[0]["refs"], frame2.next_references, atol=1e-6 * scale)
     assert torch.equal(parts[0]["refs"], parts[1]["refs"])

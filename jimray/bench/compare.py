@@ -100,13 +100,28 @@ def pair_truth(rotations: torch.Tensor, shifts: torch.Tensor, pairs: np.ndarray)
     return compose_poses(inv_r, inv_t, rotations[tgt], shifts[tgt])
 
 
+def compare_maps(options: CompareOptions) -> list[torch.Tensor]:
+    """The classes' maps: embedded structures by name, or ``pseudo:N[:SEED]`` for N random pseudo-molecules
+    (:mod:`jimray.simulate.pseudo`: structures no setting was tuned on)."""
+    from jimray.simulate.embedded import embedded_maps
+    from jimray.simulate.pseudo import pseudo_molecules
+
+    if len(options.structures) == 1 and options.structures[0].startswith("pseudo:"):
+        fields = options.structures[0].split(":")
+        try:
+            n, seed = int(fields[1]), int(fields[2]) if len(fields) > 2 else 0
+        except ValueError:
+            raise ValueError(f"--structures {options.structures[0]}: write pseudo:N or pseudo:N:SEED") from None
+        return list(pseudo_molecules(n, box_size=options.box_size, seed=seed).values())
+    return list(embedded_maps(box_size=options.box_size, names=list(options.structures)).values())
+
+
 def make_dataset(snr: float, options: CompareOptions, maps: list[torch.Tensor] | None = None) -> Dataset:
     """Simulate one SNR level (seeded by ``options.seed``, so every level shares classes and poses)."""
-    from jimray.simulate.embedded import embedded_maps
     from jimray.simulate.subtomogram import simulate_subtomograms
 
     if maps is None:
-        maps = list(embedded_maps(box_size=options.box_size, names=list(options.structures)).values())
+        maps = compare_maps(options)
     sim = simulate_subtomograms(maps, options.per_class, snr, options.tilt_range_degrees, seed=options.seed)
     classes = sim.classes.cpu().numpy()
     rng = np.random.default_rng(options.seed + 1)
@@ -286,9 +301,8 @@ def evaluate(name: str, ds: Dataset, result: MethodResult, seconds: float) -> di
 
 def run_compare(options: CompareOptions, only: list[str] | None = None) -> list[dict]:
     """Every method (or those named in ``only``) on every SNR level, plus the paper's Jim-Net rows."""
-    from jimray.simulate.embedded import embedded_maps
 
-    maps = list(embedded_maps(box_size=options.box_size, names=list(options.structures)).values())
+    maps = compare_maps(options)
     methods = build_methods(options)
     if only:
         unknown = [m for m in only if not any(m.lower() in name.lower() for name in methods)]
@@ -362,7 +376,8 @@ def register(bench_app: typer.Typer) -> None:
         from jimray.bench.jimnet_method import add_speedups, markdown_notes
 
         rows = add_speedups(run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None))
-        note = (f"{len(opts.structures)} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
+        n_classes = len(compare_maps(opts))
+        note = (f"{n_classes} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
                 f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
                 "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
                 "pair search). 'Jim-Net (paper)' rows are the paper's numbers, not measured here.\n\n")

@@ -1,6 +1,7 @@
 """``train_loop_per_worker``: Algorithm 1 (pair-matching rounds) inside one Ray Train run.
 
-Workers stay warm across rounds. Each round: embed the shard -> distributed PCA + GMM -> labels matched
+Workers stay warm across rounds. Each round: embed the shard (the common frame, :mod:`jimray.train.frame_step`,
+or Jim-Net's F(x, x), ``frame.embedding``) -> distributed PCA + GMM -> labels matched
 to last round's -> sampler actor filled -> training epochs on same-cluster pairs -> one checkpoint and
 one ``ray.train.report`` per round. A restarted worker (or a rerun of the same job) resumes from the
 last round's checkpoint (``ray.train.get_checkpoint()``).
