@@ -103,3 +103,15 @@ def test_distributed_frame_step_equals_single_process(tmp_path):
     scale = float(frame2.next_references.abs().max())  # sums of float32 volumes: compare relative to their size
     assert torch.allclose(parts[0]["refs"], frame2.next_references, atol=1e-6 * scale)
     assert torch.equal(parts[0]["refs"], parts[1]["refs"])
+
+
+def test_bench_compare_names_an_unknown_structure_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from jimray.cli.app import app
+    from jimray.cli.errors import UserError
+
+    result = CliRunner().invoke(app, ["bench", "compare", "--snrs", "0.1", "--structures", "nosuch",
+                                      "--per-class", "2", "--pairs", "1", "--out", str(tmp_path)])
+    assert isinstance(result.exception, UserError)  # run_app prints it as one line, exit code 2
+    assert "nosuch" in str(result.exception) and "choose from" in str(result.exception)

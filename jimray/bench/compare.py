@@ -374,9 +374,13 @@ def register(bench_app: typer.Typer) -> None:
                               jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None,
                               jimnet_init=jimnet_init or None)
         from jimray.bench.jimnet_method import add_speedups, markdown_notes
+        from jimray.cli.errors import UserError
 
+        try:
+            n_classes = len(compare_maps(opts))
+        except ValueError as exc:
+            raise UserError(f"--structures: {exc}") from None
         rows = add_speedups(run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None))
-        n_classes = len(compare_maps(opts))
         note = (f"{n_classes} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
                 f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
                 "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
