@@ -115,3 +115,14 @@ def test_bench_compare_names_an_unknown_structure_without_a_traceback(tmp_path):
                                       "--per-class", "2", "--pairs", "1", "--out", str(tmp_path)])
     assert isinstance(result.exception, UserError)  # run_app prints it as one line, exit code 2
     assert "nosuch" in str(result.exception) and "choose from" in str(result.exception)
+
+
+def test_pseudo_molecules_are_seeded_distinct_maps_in_the_box():
+    from jimray.simulate.pseudo import pseudo_molecules
+
+    first, again = pseudo_molecules(3, box_size=16, seed=1), pseudo_molecules(3, box_size=16, seed=1)
+    assert list(first) == ["pseudo_1_0", "pseudo_1_1", "pseudo_1_2"]
+    maps = list(first.values())
+    assert all(m.shape == (16, 16, 16) and bool(torch.isfinite(m).all()) for m in maps)
+    assert all(torch.equal(a, b) for a, b in zip(maps, again.values(), strict=True))
+    assert not torch.allclose(maps[0], maps[1])

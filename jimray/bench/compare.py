@@ -299,10 +299,11 @@ def evaluate(name: str, ds: Dataset, result: MethodResult, seconds: float) -> di
     return row
 
 
-def run_compare(options: CompareOptions, only: list[str] | None = None) -> list[dict]:
-    """Every method (or those named in ``only``) on every SNR level, plus the paper's Jim-Net rows."""
-
-    maps = compare_maps(options)
+def run_compare(options: CompareOptions, only: list[str] | None = None,
+                maps: list[torch.Tensor] | None = None) -> list[dict]:
+    """Every method (or those named in ``only``) on every SNR level, plus the paper's Jim-Net rows; ``maps``
+    the classes' maps when already built (default :func:`compare_maps`)."""
+    maps = compare_maps(options) if maps is None else maps
     methods = build_methods(options)
     if only:
         unknown = [m for m in only if not any(m.lower() in name.lower() for name in methods)]
@@ -377,11 +378,12 @@ def register(bench_app: typer.Typer) -> None:
         from jimray.cli.errors import UserError
 
         try:
-            n_classes = len(compare_maps(opts))
+            maps = compare_maps(opts)
         except ValueError as exc:
             raise UserError(f"--structures: {exc}") from None
-        rows = add_speedups(run_compare(opts, [m.strip() for m in methods.split(",") if m.strip()] or None))
-        note = (f"{n_classes} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
+        only = [m.strip() for m in methods.split(",") if m.strip()] or None
+        rows = add_speedups(run_compare(opts, only, maps))
+        note = (f"{len(maps)} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
                 f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
                 "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
                 "pair search). 'Jim-Net (paper)' rows are the paper's numbers, not measured here.\n\n")
