@@ -13,12 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jimray.errors import JimrayError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(JimrayError):
     """A user-facing configuration problem; the message says what is wrong and how to fix it."""
 
 
@@ -81,6 +83,11 @@ class GMMConfig(_Strict):
     tol: float = Field(1e-4, gt=0)
     pca_dims: int | None = Field(16, ge=1, description="reduce embeddings to this many PCA dims; None = off")
     init_sample: int = Field(20000, ge=100, description="points gathered for k-means++ seeding")
+    consensus_dims: list[int] | None = Field(
+        default_factory=lambda: [4, 6, 8, 12, 16],
+        description="PCA sizes of the consensus ensemble (one diagonal mixture per size and seed, combined by "
+                    "k-means on their labels, jimray.cluster.consensus); null = one mixture at pca_dims")
+    consensus_seeds: int = Field(2, ge=1, description="seeds per PCA size in the consensus ensemble")
     seed: int = 0
 
 
@@ -217,6 +224,9 @@ class PipelineConfig(_Strict):
 
     simulate_tomograms: SimulateTomogramsConfig | None = None
     tomograms: list[str] = Field(default_factory=list, description="MRC paths or globs (relative: to the cwd)")
+    subtomograms: bool = Field(
+        False, description="start from the data section's subtomograms instead of tomograms (data.path; null = "
+        "simulate the embedded structures): stages simulate -> train -> predict -> average -> report")
     pick: PickStageConfig = Field(default_factory=PickStageConfig)
     extract: ExtractStageConfig = Field(default_factory=ExtractStageConfig)
     predict: PredictStageConfig = Field(default_factory=PredictStageConfig)
@@ -224,9 +234,9 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> PipelineConfig:
-        if (self.simulate_tomograms is None) == (not self.tomograms):
+        if (self.simulate_tomograms is not None) + bool(self.tomograms) + self.subtomograms != 1:
             raise ValueError("give either pipeline.tomograms (MRC paths or globs) or pipeline.simulate_tomograms, "
-                             "not both and not neither")
+                             "or pipeline.subtomograms: true (start from the data section), not two and not none")
         return self
 
 
@@ -300,21 +310,52 @@ def _format_validation(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+BASE_KEY = "base"
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section (nested mappings merged, other values replaced)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_job_file(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A job YAML as a dict; a top-level ``base: other.yaml`` (relative to this file) is read first and this
+    file's sections are merged over it, so a job can reuse another's settings and change a few."""
+    if not p.is_file():
+        raise ConfigError(f"job file '{p}' does not exist: pass a YAML file such as jobs/quickstart.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc}); fix the syntax at the line shown") from None
+    if raw is None:  # an empty file (or only comments) would silently run the whole default job
+        raise ConfigError(f"{p}: the job file is empty; write the sections you need (see jobs/quickstart.yaml and "
+                          "`jimray config-schema`)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a job file must be a mapping of sections (data, model, ...)")
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: '{BASE_KEY}' must be the path of another job file, e.g. base: quickstart.yaml")
+    base_path = (p.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{p}: '{BASE_KEY}: {base}' makes a loop of job files; remove one of the base keys")
+    if not base_path.is_file():
+        raise ConfigError(f"{p}: {BASE_KEY} '{base}' does not exist (relative paths are taken from {p.parent})")
+    return _merge(_read_job_file(base_path, (*seen, p.resolve())), raw)
+
+
 def load_job(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Read a job YAML (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    """Read a job YAML (or defaults when ``path`` is None; ``base:`` merges another job file under it, see
+    :func:`_read_job_file`), apply ``--set`` overrides, validate."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"job file '{p}' does not exist: pass a YAML file such as jobs/quickstart.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc}); fix the syntax at the line shown") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: a job file must be a mapping of sections (data, model, ...)")
+        raw = _read_job_file(Path(path))
     apply_overrides(raw, overrides or [])
     try:
         return JobConfig.model_validate(raw)

@@ -1,4 +1,5 @@
-"""``jimray run JOB.yaml``: the whole chain, tomograms -> pick -> extract -> train -> predict -> average.
+"""``jimray run JOB.yaml``: the whole chain, tomograms -> pick -> extract -> train -> predict -> average -> report
+(or, with ``pipeline.subtomograms: true``, subtomograms -> train -> predict -> average -> report: ``make demo``).
 
 Each stage is a short function calling the library behind one command (``jimray simulate-tomogram``,
 ``pick``, ``extract``, ``train``, ``predict``, ``average``); the job's ``pipeline:`` section
@@ -13,6 +14,11 @@ Each stage is a short function calling the library behind one command (``jimray 
     train/          the `jimray train` run directory (config.yaml, metrics.csv, summary.json, model/, ...)
     predict/        particles.star (classes, probabilities, poses), class_NNN.mrc references, predict.json
     average/        class_NNN.mrc + half maps, fsc.csv, PNGs, particles.star, report.html
+    data/           subtomogram variant with data.path null: the simulated embedded structures (particles.star,
+                    subtomograms/*.mrc, shards/, simulation.json), as `jimray simulate` writes them
+    report.html     the run's report (:mod:`jimray.io.pipeline_report`): class averages beside the true maps
+                    (simulated data), FSC curves, cluster sizes, K and accuracy per training round; its PNGs
+                    in report/
     pipeline.json   per stage: status (ran / skipped / input), seconds and counts; the resolved job
 
 Resume: a stage whose outputs exist is skipped (``pipeline.json`` keeps its earlier counts), so rerunning
@@ -41,9 +47,11 @@ import numpy as np
 import pandas as pd
 
 from jimray.config import JobConfig
+from jimray.errors import JimrayError
 from jimray.train.state import MODEL_DIR, STATE_FILE
 
-__all__ = ["STAGES", "PipelineError", "RunLayout", "run_pipeline", "resolve_tomograms"]
+__all__ = ["STAGES", "PipelineError", "PipelineWatcher", "RunLayout", "StageLog", "run_pipeline", "resolve_tomograms",
+           "stage_names"]
 
 COORDINATES = ["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]
 ANGLES = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
@@ -52,7 +60,23 @@ RECORD = "pipeline.json"
 Say = Callable[[str], None]
 
 
-class PipelineError(ValueError):
+class StageLog:
+    """What a stage is given to report progress: ``say(message)`` for a one-line message and
+    ``say.update(completed, total)`` for its progress bar (both do nothing unless the caller listens)."""
+
+    def __init__(self, message: Say | None = None, update: Callable[[int | None, int | None], None] | None = None):
+        self._message, self._update = message, update
+
+    def __call__(self, message: str) -> None:
+        if self._message is not None:
+            self._message(message)
+
+    def update(self, completed: int | None = None, total: int | None = None) -> None:
+        if self._update is not None:
+            self._update(completed, total)
+
+
+class PipelineError(JimrayError):
     """A job that cannot run as a pipeline; the message names the file or key and the fix."""
 
 
@@ -64,12 +88,14 @@ class RunLayout:
 
     def stage_dir(self, stage: str) -> Path:
         """The folder a stage writes (``pick`` -> ``picks/``, ``extract`` -> ``particles/``, else its name)."""
-        return self.root / {"pick": "picks", "extract": "particles"}.get(stage, stage)
+        return self.root / {"pick": "picks", "extract": "particles", "simulate": "data"}.get(stage, stage)
 
     tomograms = property(lambda self: self.root / "tomograms")
     picks = property(lambda self: self.root / "picks")
     particles = property(lambda self: self.root / "particles")
     stacks = property(lambda self: self.root / "particles" / "stacks")
+    data = property(lambda self: self.root / "data")
+    report = property(lambda self: self.root / "report.html")
     train = property(lambda self: self.root / "train")
     predict = property(lambda self: self.root / "predict")
     average = property(lambda self: self.root / "average")
@@ -99,7 +125,47 @@ def _voxel_size(job: JobConfig) -> float | None:
     return job.data.voxel_size_angstrom
 
 
+def particles_path(job: JobConfig, lay: RunLayout) -> Path:
+    """The subtomograms train and predict read: ``particles/`` (tomogram variants), else the data section's
+    ``data.path``, or the simulated set's shards ``data/shards`` when that is null."""
+    if not job.pipeline.subtomograms:
+        return lay.particles
+    if job.data.path is not None:
+        return Path(job.data.path)
+    return lay.data / "shards"
+
+
 # --- stages: each returns counts for pipeline.json; `done(job, lay)` says whether its outputs exist ------------
+
+
+def _simulate_done(job: JobConfig, lay: RunLayout) -> bool:
+    from jimray.io.simulated import METADATA_NAME
+
+    return (lay.data / METADATA_NAME).is_file() and any((lay.data / "shards").glob("*.parquet"))
+
+
+def stage_simulate(job: JobConfig, lay: RunLayout, say: StageLog) -> dict:
+    """Simulate ``data.simulate_per_class`` subtomograms of each embedded structure into ``data/`` (the same
+    set `jimray train` simulates for a job without data; truth in the STAR and shards)."""
+    from jimray.io.simulated import simulate_dataset, write_simulated_dataset
+
+    d, voxel = job.data, _voxel_size(job) or 10.0
+    total, done = 0, [0]
+
+    def advance(k: int) -> None:
+        done[0] += k
+        say.update(done[0], total)
+
+    from jimray.simulate.embedded import embedded_structure_names
+
+    total = 2 * d.simulate_per_class * len(embedded_structure_names())  # simulated, then written
+    say.update(0, total)
+    sim, names = simulate_dataset(None, d.simulate_per_class, d.simulate_snr, d.box_size, voxel,
+                                  d.tilt_range_degrees, d.simulate_seed, progress=advance)
+    write_simulated_dataset(lay.data, sim, voxel, d.tilt_range_degrees, names, progress=advance,
+                            metadata={"snr": d.simulate_snr, "seed": d.simulate_seed})
+    say(f"simulated {len(sim)} subtomograms of {len(names)} structures into {lay.data}")
+    return {"subtomograms": len(sim), "structures": names, "snr": d.simulate_snr}
 
 
 def _tomograms_done(job: JobConfig, lay: RunLayout) -> bool:
@@ -254,7 +320,7 @@ def stage_extract(job: JobConfig, lay: RunLayout, say: Say) -> dict:
 def training_job(job: JobConfig, lay: RunLayout) -> JobConfig:
     """The job as ``jimray train`` sees it inside the pipeline: data = ``particles/``, run dir = ``train/``."""
     raw = job.model_dump(mode="json")
-    raw["data"]["path"], raw["output"]["dir"] = str(lay.particles), str(lay.train)
+    raw["data"]["path"], raw["output"]["dir"] = str(particles_path(job, lay)), str(lay.train)
     return JobConfig.model_validate(raw)
 
 
@@ -269,7 +335,9 @@ def stage_train(job: JobConfig, lay: RunLayout, say: Say) -> dict:
     """Pair-matching rounds on Ray Train (:func:`jimray.train.driver.run_training`) -> ``train/``."""
     from jimray.train.driver import run_training
 
-    summary = run_training(training_job(job, lay), command=["jimray", *sys.argv[1:]])
+    say.update(0, job.train.rounds)
+    summary = run_training(training_job(job, lay), command=["jimray", *sys.argv[1:]],
+                           progress=lambda done, total: say.update(done, total))
     say(f"trained {summary.get('rounds_completed')} rounds: K = {summary.get('n_clusters')}, clustering accuracy "
         f"{summary.get('clustering_accuracy')}")
     keys = ("rounds_completed", "n_clusters", "cluster_sizes", "clustering_accuracy")
@@ -285,8 +353,8 @@ def stage_predict(job: JobConfig, lay: RunLayout, say: Say) -> dict:
     from jimray.predict.pipeline import predict
 
     p = job.pipeline.predict
-    s = predict(lay.train, lay.particles, lay.predict, actors=p.actors, batch_size=p.batch_size,
-                iterations=p.iterations, average=False, progress=say)
+    s = predict(lay.train, particles_path(job, lay), lay.predict, actors=p.actors, batch_size=p.batch_size,
+                iterations=p.iterations, average=False, progress=_counting(say, 3 + p.iterations))
     return {"subtomograms": s.n_particles, "n_clusters": s.n_clusters, "cluster_sizes": s.cluster_sizes,
             "clustering_accuracy": s.clustering_accuracy}
 
@@ -303,19 +371,91 @@ def stage_average(job: JobConfig, lay: RunLayout, say: Say) -> dict:
     s = average_particles(lay.predict / "particles.star", lay.average, iterations=a.iterations,
                           angular_step_degrees=a.angular_step_degrees, refine=a.refine,
                           tilt_range_degrees=job.data.tilt_range_degrees, seed=job.train.seed,
-                          progress=lambda name, done, total: say(f"averaged {name} ({done}/{total})"))
+                          progress=lambda name, done, total: (say.update(done, total),
+                                                              say(f"averaged {name} ({done}/{total})")))
     return {"classes": {c.name: {"particles": len(c.rows), "resolution_angstrom": c.resolution_angstrom}
                         for c in s.classes}}
 
 
+def _counting(say: StageLog, steps: int) -> Say:
+    """A message callback that also moves the stage's bar by one of ``steps`` per message."""
+    done = [0]
+    say.update(0, steps)
+
+    def message(text: str) -> None:
+        done[0] = min(steps, done[0] + 1)
+        say.update(done[0], steps)
+        say(text)
+
+    return message
+
+
+def _truth(job: JobConfig, lay: RunLayout):
+    """The simulated truth of a run for its report (:class:`jimray.io.pipeline_report.Truth`), else None."""
+    from jimray.io.pipeline_report import NO_PARTICLE, Truth
+    from jimray.io.shards import list_shards, read_shard
+    from jimray.simulate.embedded import embedded_maps
+
+    if job.pipeline.simulate_tomograms is not None:
+        names = pd.read_csv(lay.tomograms / "classes.csv")["structure"].tolist()
+    elif job.pipeline.subtomograms and job.data.path is None:
+        names = json.loads((lay.data / "simulation.json").read_text())["class_names"]
+    else:
+        return None
+    parts = [read_shard(path, ["id", "true_class"]) for path in list_shards(particles_path(job, lay))]
+    ids = np.concatenate([p["id"] for p in parts])
+    classes = np.concatenate([p["true_class"] for p in parts])[np.argsort(ids, kind="stable")].astype(np.int64)
+    maps = {k: v.numpy() for k, v in embedded_maps(_voxel_size(job) or 10.0, job.data.box_size, names=names).items()}
+    return Truth([*names, NO_PARTICLE] if classes.max(initial=0) >= len(names) else names, classes, maps)
+
+
+def _report_done(job: JobConfig, lay: RunLayout) -> bool:
+    return lay.report.is_file()
+
+
+def stage_report(job: JobConfig, lay: RunLayout, say: StageLog) -> dict:
+    """``report.html`` in the run directory (:func:`jimray.io.pipeline_report.write_pipeline_report`)."""
+    from jimray.io.mrc import read_volume
+    from jimray.io.pipeline_report import write_pipeline_report
+
+    say.update(0, 2)
+    truth = _truth(job, lay)
+    say.update(1, 2)
+    voxel = _voxel_size(job)
+    if voxel is None:
+        voxel = read_volume(next(lay.average.glob("class_*.mrc")))[1] or 1.0
+    meta = {"job": job.name, "run directory": lay.root,
+            "box": f"{job.data.box_size} voxels at {voxel:g} A",
+            "tilt range": f"+-{job.data.tilt_range_degrees:g} deg"}
+    summary = write_pipeline_report(lay.root, f"jimray run: {job.name}", lay.train, lay.predict, lay.average, truth,
+                                    voxel, meta)
+    say.update(2, 2)
+    say(f"wrote {summary.report}")
+    return {"report": str(summary.report), "n_clusters": summary.n_clusters, "cluster_sizes": summary.cluster_sizes,
+            "clustering_accuracy": summary.accuracy,
+            "classes": {c.name: {"particles": c.particles, "resolution_angstrom": c.resolution_angstrom,
+                                 "structure": c.structure, "purity": c.purity,
+                                 "resolution_vs_truth_angstrom": c.truth_resolution_angstrom}
+                        for c in summary.classes}}
+
+
 STAGES = {
+    "simulate": (stage_simulate, _simulate_done),
     "tomograms": (stage_tomograms, _tomograms_done),
     "pick": (stage_pick, _pick_done),
     "extract": (stage_extract, _extract_done),
     "train": (stage_train, _train_done),
     "predict": (stage_predict, _predict_done),
     "average": (stage_average, _average_done),
+    "report": (stage_report, _report_done),
 }
+TOMOGRAM_STAGES = ("tomograms", "pick", "extract", "train", "predict", "average", "report")
+SUBTOMOGRAM_STAGES = ("simulate", "train", "predict", "average", "report")
+
+
+def stage_names(job: JobConfig) -> tuple[str, ...]:
+    """The stages of ``job``'s pipeline, in order."""
+    return SUBTOMOGRAM_STAGES if job.pipeline is not None and job.pipeline.subtomograms else TOMOGRAM_STAGES
 
 
 def _write_record(lay: RunLayout, job: JobConfig, stages: dict) -> dict:
@@ -334,32 +474,71 @@ def _previous_stages(lay: RunLayout) -> dict:
         return {}
 
 
-def run_pipeline(job: JobConfig, progress: Say | None = None) -> dict:
+class PipelineWatcher:
+    """Hooks a front end (``jimray run``'s progress bars) is told about; the default does nothing."""
+
+    def stage_started(self, name: str) -> None:
+        """``name`` begins."""
+
+    def stage_progress(self, name: str, completed: int | None, total: int | None) -> None:
+        """``name`` has done ``completed`` of ``total`` steps (None: unchanged / unknown)."""
+
+    def stage_message(self, name: str, message: str) -> None:
+        """A one-line message of ``name``."""
+
+    def stage_finished(self, name: str, record: dict) -> None:
+        """``name`` ended: its ``pipeline.json`` entry (status, seconds, counts)."""
+
+
+def run_pipeline(job: JobConfig, progress: Say | None = None, watcher: PipelineWatcher | None = None,
+                 ray_logs: bool = True) -> dict:
     """Run (or resume) every stage of ``job`` (which needs a ``pipeline:`` section) under ``job.output.dir``;
-    returns the ``pipeline.json`` record: ``{"stages": {name: {status, seconds, counts}}, "job": ...}``."""
+    returns the ``pipeline.json`` record: ``{"stages": {name: {status, seconds, counts}}, "job": ...}``.
+    ``progress`` gets every stage's messages, ``watcher`` the stages' starts, progress and ends; without
+    ``ray_logs`` a Ray started here does not forward its workers' output and Ray Data draws no bars."""
     from jimray.train.driver import init_ray
 
     if job.pipeline is None:
-        raise PipelineError("the job has no pipeline: section; add one (see jobs/synechocystis_smoke.yaml) or "
-                            "train only with `jimray train`")
+        raise PipelineError("the job has no pipeline: section; add one (see jobs/synechocystis_smoke.yaml or "
+                            "jobs/quickstart_pipeline.yaml) or train only with `jimray train`")
     say, lay = progress or (lambda _message: None), RunLayout(Path(job.output.dir).resolve())
+    watch = watcher or PipelineWatcher()
     stages, stale = _previous_stages(lay), False
-    init_ray()
-    for name, (stage, done) in STAGES.items():
+    names = stage_names(job)
+    stages = {name: stages[name] for name in names if name in stages}  # drop stages of another variant
+    if ray_logs:
+        init_ray()
+    else:
+        init_ray(log_to_driver=False)
+        from jimray.train.driver import quiet_data_progress
+
+        quiet_data_progress()
+    for name in names:
+        stage, done = STAGES[name]
         if name == "tomograms" and job.pipeline.simulate_tomograms is None:
             stages[name] = {"status": "input", "seconds": 0.0,
                             "counts": {"tomograms": [str(p) for p in resolve_tomograms(job.pipeline.tomograms)]}}
+            watch.stage_finished(name, stages[name])
+            continue
+        if name == "simulate" and job.data.path is not None:
+            stages[name] = {"status": "input", "seconds": 0.0, "counts": {"data": str(Path(job.data.path).resolve())}}
+            watch.stage_finished(name, stages[name])
             continue
         if done(job, lay) and not stale:
             stages[name] = {**stages.get(name, {}), "status": "skipped (outputs exist)"}
             say(f"[{name}] skipped: outputs exist in {lay.stage_dir(name)}")
+            watch.stage_finished(name, stages[name])
             continue
-        if stale or name not in ("tomograms", "train"):  # train resumes from its checkpoints unless stale
+        if stale or name not in ("tomograms", "simulate", "train"):  # train resumes from its checkpoints
             shutil.rmtree(lay.stage_dir(name), ignore_errors=True)
         say(f"[{name}] running")
+        watch.stage_started(name)
+        log = StageLog(lambda text, name=name: (say(text), watch.stage_message(name, text)),
+                       lambda completed, total, name=name: watch.stage_progress(name, completed, total))
         started = time.perf_counter()
-        counts = stage(job, lay, say)
+        counts = stage(job, lay, log)
         stages[name] = {"status": "ran", "seconds": round(time.perf_counter() - started, 2), "counts": counts}
         stale = True
         _write_record(lay, job, stages)
+        watch.stage_finished(name, stages[name])
     return _write_record(lay, job, stages)

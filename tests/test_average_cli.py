@@ -95,6 +95,7 @@ def test_average_bad_input_is_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["average", "--particles", str(bad), "--out", str(tmp_path / "o")])
     assert isinstance(result.exception, UserError) and "file not found" in str(result.exception)
     star = tmp_path / "broken.star"
-    star.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnClassNumber #2\nnothere.mrc 1\n")
+    star.write_text("data_particles\n\nloop_\n_rlnImageName #1\n_rlnClassNumber #2\n_rlnAngleRot #3\n"
+                    "_rlnAngleTilt #4\n_rlnAnglePsi #5\nnothere.mrc 1 0 0 0\n")
     result = CliRunner().invoke(app, ["average", "--particles", str(star), "--out", str(tmp_path / "o")])
     assert isinstance(result.exception, UserError) and "nothere.mrc" in str(result.exception)

@@ -12,7 +12,15 @@ import pytest
 
 import jimray.pipeline as pipeline_module
 from jimray.config import ConfigError, ModelConfig, load_job
-from jimray.pipeline import ANGLES, COORDINATES, PipelineError, _pick_truth, resolve_tomograms, run_pipeline
+from jimray.pipeline import (
+    ANGLES,
+    COORDINATES,
+    PipelineError,
+    _pick_truth,
+    resolve_tomograms,
+    run_pipeline,
+    stage_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "synechocystis_smoke.yaml"
@@ -109,13 +117,13 @@ def test_rerun_skips_done_stages_and_redoes_everything_after_a_missing_one(tmp_p
     monkeypatch.setattr(pipeline_module, "STAGES", _fake_stages(calls))
     monkeypatch.setattr("jimray.train.driver.init_ray", lambda: None)
     job = load_job(SMOKE, [f"output.dir={tmp_path}"])
-    assert list(run_pipeline(job)["stages"]) == list(pipeline_module.STAGES) == calls
+    assert list(run_pipeline(job)["stages"]) == list(stage_names(job)) == calls
     calls.clear()
     assert all(s["status"].startswith("skipped") for s in run_pipeline(job)["stages"].values()) and not calls
     (tmp_path / "particles" / "stale.parquet").write_text("")  # an old output of a stage that will rerun
     (tmp_path / "picks" / "done").unlink()
     stages = run_pipeline(job)["stages"]
-    assert calls == ["pick", "extract", "train", "predict", "average"]
+    assert calls == ["pick", "extract", "train", "predict", "average", "report"]
     assert stages["tomograms"]["status"].startswith("skipped")
     assert stages["tomograms"]["counts"] == {"stage": "tomograms"}  # kept from the first run
     assert not (tmp_path / "particles" / "stale.parquet").exists()  # cleared before extract ran again
@@ -123,7 +131,7 @@ def test_rerun_skips_done_stages_and_redoes_everything_after_a_missing_one(tmp_p
     (tmp_path / "train" / "done").unlink()
     (tmp_path / "train" / "checkpoint").write_text("")  # an interrupted training run resumes: not cleared
     run_pipeline(job)
-    assert calls == ["train", "predict", "average"] and (tmp_path / "train" / "checkpoint").is_file()
+    assert calls == ["train", "predict", "average", "report"] and (tmp_path / "train" / "checkpoint").is_file()
     assert json.loads((tmp_path / "pipeline.json").read_text())["job"]["name"] == "synechocystis_smoke"
 
 
@@ -144,7 +152,7 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_cluster, tmp_path):
     record = run_pipeline(job)
     root = tmp_path / "run"
     stages = record["stages"]
-    assert [stages[s]["status"] for s in stages] == ["ran"] * 6
+    assert [stages[s]["status"] for s in stages] == ["ran"] * 7
     assert (root / "tomograms" / "tomo_01.mrc").is_file() and (root / "tomograms" / "tomo_01_truth.star").is_file()
     assert (root / "picks" / "picks.star").is_file() and (root / "picks" / "tomo_01_picks.star").is_file()
     assert stages["pick"]["counts"]["recall"] >= 0.9  # DoG finds both big complexes
@@ -158,6 +166,7 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_cluster, tmp_path):
     for name in ("report.html", "fsc.csv", "particles.star"):
         assert (root / "average" / name).is_file()
     assert list((root / "average").glob("class_*_half1.mrc"))
+    assert (root / "report.html").is_file() and stages["report"]["counts"]["clustering_accuracy"] is not None
     assert json.loads((root / "pipeline.json").read_text())["stages"] == stages
 
     again = run_pipeline(job)["stages"]

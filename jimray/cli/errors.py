@@ -6,17 +6,21 @@ import sys
 
 import typer
 
+from jimray.errors import JimrayError
 
-class UserError(Exception):
+__all__ = ["JimrayError", "UserError", "run_app"]
+
+
+class UserError(JimrayError):
     """A mistake the user can fix: the message names the file or option and the fix."""
 
 
 def run_app(app: typer.Typer) -> None:
-    from jimray.config import ConfigError
-
+    """Run the typer app: a :class:`JimrayError` (ConfigError, StarError, MRCError, ... included) is one red line
+    and exit code 2; any other exception is a bug and shows its traceback."""
     try:
         app(standalone_mode=False)
-    except (UserError, ConfigError) as exc:
+    except JimrayError as exc:
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(2)
     except KeyboardInterrupt:

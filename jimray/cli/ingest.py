@@ -41,6 +41,9 @@ def ingest(
     if report.bad and not skip_bad:
         raise UserError(f"{len(report.bad)} of {report.n_particles} particle files in {star} are bad (listed above); "
                         "fix them or pass --skip-bad to convert the rest. Nothing was written.")
+    if skip_bad and report.n_converted == 0:
+        raise UserError(f"every one of the {report.n_particles} particle files in {star} is bad (listed above); "
+                        "nothing to convert, nothing was written")
     skipped = f"; {len(report.bad)} skipped, listed in {out / 'skipped.csv'}" if skip_bad else ""
     typer.echo(f"wrote {report.n_converted} subtomograms (box {report.box_size}, {report.voxel_size_angstrom} A) "
                f"in {len(report.shards)} shards to {out}{skipped}")

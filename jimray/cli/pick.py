@@ -45,6 +45,23 @@ def _star_names(tomograms: list[Path], out: Path) -> dict[str, Path]:
     return names
 
 
+def _check_tomograms(tomograms: list[Path], voxel_size: float | None, skip_bad: bool) -> list[Path]:
+    """The validation pass before any Ray work (:mod:`jimray.io.validate`): truncated, unreadable, NaN or constant
+    tomograms, and ones without a voxel size; returns the tomograms to pick (``skip_bad`` leaves the bad out)."""
+    from jimray.io.validate import Problem, check_volumes
+
+    specs = [str(t) for t in tomograms]
+    found = check_volumes(specs, source="the tomograms", cubic=False, check_voxel=False, voxel_size_angstrom=voxel_size)
+    if voxel_size is None:
+        from jimray.io.validate import header_info
+
+        bad = found.bad_specs
+        found.problems += [Problem(s, "no voxel size in its MRC header", "pass --voxel-size (Angstrom)")
+                           for s in specs if s not in bad and header_info(s)[1] is None]
+    skip = found.enforce(skip_bad, lambda line: typer.secho(line, err=True, fg="yellow"))
+    return [t for t in tomograms if str(t) not in skip]
+
+
 def _pick_and_write(paths: list[Path], settings, stars: dict[str, Path]) -> tuple[list[pd.DataFrame], float]:
     """Stream the picks of every tomogram from Ray and write its STAR as soon as it is done."""
     from jimray.data.pick import pick_tomograms
@@ -76,6 +93,7 @@ def register(app: typer.Typer) -> None:
         min_distance: float = typer.Option(None, "--min-distance", help="voxels between picks (default: radius)"),
         voxel_size: float = typer.Option(None, "--voxel-size", help="voxel size in Angstrom (default: MRC header)"),
         invert: bool = typer.Option(False, "--invert", help="particles are dark (raw contrast): flip the sign"),
+        skip_bad: bool = typer.Option(False, "--skip-bad", help="leave bad tomograms out (warned and counted)"),
     ) -> None:
         """Pick particles with a difference-of-Gaussian filter; one Ray task per tomogram (or z-slab)."""
         from jimray.data.pick import PickSettings
@@ -83,6 +101,7 @@ def register(app: typer.Typer) -> None:
         from jimray.train.driver import init_ray
 
         stars = _star_names(tomograms, out)
+        tomograms = _check_tomograms(tomograms, voxel_size, skip_bad)
         settings = PickSettings(particle_diameter, threshold, edge_margin, min_distance, voxel_size, invert)
         out.mkdir(parents=True, exist_ok=True)
         init_ray()

@@ -19,13 +19,20 @@ def predict(
     iterations: Annotated[int, typer.Option(min=0, help="template align-and-average iterations")] = 2,
     initial: Annotated[str, typer.Option(help="first template: 'best' (most probable member) or 'mean'")] = "best",
     no_average: Annotated[bool, typer.Option("--no-average", help="skip half maps, FSC and report.html")] = False,
+    voxel_size: Annotated[float | None, typer.Option("--voxel-size", min=0.001, help="Angstrom (default: "
+                          "the run's data.voxel_size_angstrom, else shards / STAR optics / MRC headers)")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="leave bad volumes out (warned and counted)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="clear a non-empty --out first")] = False,
 ) -> None:
     """Assign every subtomogram to a cluster, estimate the cluster references and each particle's pose."""
+    from jimray.io.outdir import check_out_dir
     from jimray.predict.pipeline import predict as run_predict
 
+    check_out_dir(out, overwrite, inputs=[run_dir, data])
     try:
         summary = run_predict(run_dir, data, out, actors=actors, batch_size=batch_size, iterations=iterations,
-                              initial=initial, average=not no_average, progress=typer.echo)
+                              initial=initial, average=not no_average, progress=typer.echo,
+                              voxel_size_angstrom=voxel_size, skip_bad=skip_bad, clear_out=overwrite)
     except (ValueError, KeyError) as exc:  # RunError, reader and STAR errors are ValueErrors naming the file
         raise UserError(str(exc.args[0]) if exc.args else str(exc)) from None
     accuracy = "" if summary.clustering_accuracy is None else f", accuracy {100 * summary.clustering_accuracy:.1f}%"

@@ -34,12 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jimray.errors import DataError
 from jimray.io.shards import TRUTH_COLUMNS
 
 __all__ = [
     "DEFAULT_TILT_RANGE_DEGREES",
     "STRING_COLUMNS",
     "read_subtomograms",
+    "is_parquet_input",
     "normalize_batch",
     "decode_batch",
     "numeric_columns",
@@ -69,17 +71,24 @@ def normalize_batch(batch: dict) -> dict:
 
 
 def decode_batch(batch: dict, *, box_size: int, voxel_size_angstrom: float, tilt_range_degrees: float) -> dict:
-    """Read the volumes named by ``batch["spec"]`` (file or ``n@stack``); every one must be ``box_size``^3."""
+    """Read the volumes named by ``batch["spec"]`` (file or ``n@stack``); every one must be ``box_size``^3 with
+    finite, non-constant values (the streaming half of :mod:`jimray.io.validate`: a volume the up-front sample did
+    not read fails here, naming its file and id)."""
     from jimray.io.mrc import read_volume
+    from jimray.io.validate import value_problem
 
     volumes = np.empty((len(batch["spec"]), box_size, box_size, box_size), dtype=np.float32)
     for i, spec in enumerate(batch["spec"]):
         volume, _ = read_volume(str(spec))
         if volume.shape != (box_size,) * 3:
-            raise ValueError(
-                f"{spec}: box {volume.shape} differs from the expected {(box_size,) * 3}; "
-                "run `jimray ingest` to find and skip bad files, or pass the right box size"
+            raise DataError(
+                f"{spec} (id {int(batch['id'][i])}): box {volume.shape} differs from the expected {(box_size,) * 3}; "
+                "run `jimray ingest --skip-bad` to find and skip bad files"
             )
+        reason = value_problem(volume)
+        if reason is not None:
+            raise DataError(f"{spec} (id {int(batch['id'][i])}): {reason}; re-extract or replace it, or leave it out "
+                            "with --skip-bad")
         volumes[i] = volume
     n = len(volumes)
     return {
@@ -102,7 +111,7 @@ def _parquet_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.glob("*.parquet") if p.is_file())
     if not files:
-        raise ValueError(f"{path}: no .parquet shards in this folder")
+        raise DataError(f"{path}: no .parquet shards in this folder")
     return files
 
 
@@ -114,22 +123,25 @@ def _check_parquet_schema(files: list[Path], box_size: int | None) -> list[str]:
         try:
             schema = pq.read_schema(f)
         except (OSError, pa.ArrowException) as exc:
-            raise ValueError(f"{f}: unreadable Parquet shard ({exc})") from exc
+            raise DataError(f"{f}: unreadable Parquet shard ({exc}); rewrite it with `jimray ingest`") from exc
         missing = [c for c in BASE_COLUMNS if c not in schema.names]
         if missing:
-            raise ValueError(f"{f}: not a jimray shard (missing columns {missing}); convert data with `jimray ingest`")
+            raise DataError(f"{f}: not a jimray shard (missing columns {missing}); convert data with `jimray ingest`")
         vtype = schema.field("volume").type
         shape = tuple(getattr(vtype, "shape", ()))
         if len(shape) != 3:
-            raise ValueError(f"{f}: volume column is not a 3-D fixed-shape tensor (type {vtype})")
+            raise DataError(f"{f}: volume column is not a 3-D fixed-shape tensor (type {vtype}); rewrite it with "
+                            "`jimray ingest`")
         shapes[f] = shape
         names = schema.names
     distinct = set(shapes.values())
     if len(distinct) > 1:
-        raise ValueError(f"shards hold different box sizes {sorted(distinct)}; keep one box size per dataset")
+        raise DataError(f"{files[0].parent}: shards hold different box sizes {sorted(distinct)}; keep one box size "
+                        "per data set")
     shape = distinct.pop()
     if box_size is not None and shape != (box_size,) * 3:
-        raise ValueError(f"{files[0]}: volumes are {shape}, expected box size {box_size}; pass box_size={shape[0]}")
+        raise DataError(f"{files[0]}: volumes are {shape}, expected box size {box_size}; for `jimray train` pass "
+                        f"--set data.box_size={shape[0]}")
     return [c for c in names if c in BASE_COLUMNS or c in TRUTH_COLUMNS or c == "image_name"]
 
 
@@ -158,49 +170,29 @@ def _read_parquet(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees,
     return ds
 
 
-def _mrc_folder_specs(path: Path) -> tuple[list[str], list[str]]:
-    from jimray.io.mrc import read_header
-
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".mrc", ".mrcs") and p.is_file())
-    if not files:
-        raise ValueError(f"{path}: no .mrc/.mrcs files in this folder")
-    specs = []
-    for f in files:
-        shape, _ = read_header(f)
-        specs += [f"{k}@{f}" for k in range(1, shape[0] + 1)] if len(shape) == 4 else [str(f)]
-    return specs, list(specs)
-
-
-def _file_table(path: Path, voxel_size_angstrom):
-    """(specs, image names, voxel size or None) of a STAR file or an MRC folder."""
-    if path.is_dir():
-        specs, names = _mrc_folder_specs(path)
-        return specs, names, voxel_size_angstrom
-    from jimray.io.star import image_specs, read_particles
-
-    table = read_particles(path)
-    specs = image_specs(table.particles, path)
-    names = [str(x) for x in table.particles["rlnImageName"]]
-    return specs, names, voxel_size_angstrom if voxel_size_angstrom is not None else table.voxel_size_angstrom
-
-
-def _read_files(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks):
+def _read_files(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks, skip):
     import ray
 
     from jimray.io.mrc import read_header
+    from jimray.io.validate import list_volume_files
 
-    specs, names, voxel = _file_table(path, voxel_size_angstrom)
-    if not specs:
-        raise ValueError(f"{path}: holds no particles")
-    shape, header_voxel = read_header(specs[0])
+    specs, names, star_voxel = list_volume_files(path)
+    voxel = voxel_size_angstrom if voxel_size_angstrom is not None else star_voxel
+    items = [{"id": i, "spec": s, "image_name": n} for i, (s, n) in enumerate(zip(specs, names, strict=True))
+             if s not in skip]  # ids: the input order, skipped rows left out (like `jimray ingest --skip-bad`)
+    if not items:
+        raise DataError(f"{path}: holds no usable particles")
+    first = items[0]["spec"]
+    shape, header_voxel = read_header(first)
     if len(set(shape)) != 1 or len(shape) != 3:
-        raise ValueError(f"{specs[0]}: volume shape {shape} is not a cubic box")
+        raise DataError(f"{first}: volume shape {shape} is not a cubic box")
     if box_size is not None and shape[0] != box_size:
-        raise ValueError(f"{specs[0]}: box size {shape[0]}, expected {box_size}; pass box_size={shape[0]}")
+        raise DataError(f"{first}: box size {shape[0]}, expected {box_size}; for `jimray train` pass "
+                        f"--set data.box_size={shape[0]}")
     voxel = voxel if voxel is not None else header_voxel
     if voxel is None:
-        raise ValueError(f"{path}: no voxel size in the STAR file or MRC header; pass voxel_size_angstrom")
-    items = [{"id": i, "spec": s, "image_name": n} for i, (s, n) in enumerate(zip(specs, names, strict=True))]
+        raise DataError(f"{path}: no voxel size in the STAR file or MRC header; pass --voxel-size (for `jimray "
+                        "train`: --set data.voxel_size_angstrom=VOXEL)")
     ds = ray.data.from_items(items, override_num_blocks=override_num_blocks)
     tilt = DEFAULT_TILT_RANGE_DEGREES if tilt_range_degrees is None else float(tilt_range_degrees)
     return ds.map_batches(
@@ -217,6 +209,7 @@ def read_subtomograms(
     tilt_range_degrees: float | None = None,
     normalize: bool = True,
     override_num_blocks: int | None = None,
+    skip: set[str] | frozenset[str] = frozenset(),
 ):
     """Subtomograms as a streaming ``ray.data.Dataset`` (rows described in the module docstring).
 
@@ -224,24 +217,30 @@ def read_subtomograms(
     ``box_size``: expected edge length (error if the data differ). ``voxel_size_angstrom`` /
     ``tilt_range_degrees``: override the stored values (STAR / MRC input: the voxel size defaults to the STAR
     optics block, else the MRC header; the tilt range to 60 degrees). ``normalize``: standardise each volume.
+    ``skip``: STAR / MRC input: the specs to leave out (the bad volumes found by :mod:`jimray.io.validate`).
     """
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file or folder; pass Parquet shards, a STAR file or a folder of MRC files")
+        raise DataError(f"{path}: no such file or folder; pass Parquet shards, a STAR file or a folder of MRC files")
     if tilt_range_degrees is not None and not 0 <= float(tilt_range_degrees) <= 90:
-        raise ValueError(f"tilt_range_degrees must lie in [0, 90], got {tilt_range_degrees}")
+        raise DataError(f"the tilt range must lie in [0, 90] degrees, got {tilt_range_degrees}")
     if voxel_size_angstrom is not None and not float(voxel_size_angstrom) > 0:
-        raise ValueError(f"voxel_size_angstrom must be positive, got {voxel_size_angstrom}")
-    is_parquet = path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet")))
-    if is_parquet:
+        raise DataError(f"the voxel size must be positive, got {voxel_size_angstrom}")
+    if is_parquet_input(path):
         ds = _read_parquet(path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks)
     elif path.suffix == ".star" or path.is_dir():
-        ds = _read_files(path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks)
+        ds = _read_files(path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks, set(skip))
     else:
-        raise ValueError(f"{path}: unknown input; pass a folder of .parquet shards, a .parquet, a .star, an MRC folder")
+        raise DataError(f"{path}: unknown input; pass a folder of .parquet shards, a .parquet, a .star, an MRC folder")
     if normalize:
         ds = ds.map_batches(normalize_batch, batch_format="numpy", udf_modifying_row_count=False)
     return ds
+
+
+def is_parquet_input(path: str | Path) -> bool:
+    """Whether ``path`` is one ``.parquet`` or a folder of them (else a STAR file or an MRC folder)."""
+    path = Path(path)
+    return path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet")))
 
 
 def _column_names_and_types(schema_or_columns) -> list[tuple[str, object]]:

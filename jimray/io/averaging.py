@@ -10,10 +10,13 @@ Output folder::
     particles.star      the input particles with their final poses and rlnRandomSubset (1 or 2)
     report.html         everything above in one self-contained page (images embedded)
 
-Input: any RELION-style particle STAR (ours, RELION, Dynamo/STOPGAP converted to STAR) with ``rlnImageName``;
-poses from ``rlnAngleRot/Tilt/Psi`` + ``rlnOriginX/Y/ZAngst`` (missing = identity / zero), classes from
-``rlnClassNumber`` (missing = one class), gold-standard halves from ``rlnRandomSubset`` if present, else
-split by particle id (the image name) with :func:`jimray.average.refine.split_halves`.
+Input: any RELION-style particle STAR (ours, RELION, Dynamo/STOPGAP converted to STAR) with ``rlnImageName``,
+``rlnClassNumber`` and the poses ``rlnAngleRot/Tilt/Psi`` (all required: a STAR without them is refused, not
+averaged as one class under identity poses) + ``rlnOriginX/Y/ZAngst`` (missing = zero shift); gold-standard
+halves from ``rlnRandomSubset`` if present, else split by particle id (the image name) with
+:func:`jimray.average.refine.split_halves`. Every volume is checked first (:mod:`jimray.io.validate`: missing,
+truncated, NaN, constant, wrong box, wrong voxel size); ``skip_bad`` leaves the bad ones out. The output
+``particles.star`` names the images relative to the output folder, so it reads from where it is.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pandas as pd
 import torch
 
 from jimray.average.refine import Aligner, classical_aligner, gold_standard_refine, local_aligner
+from jimray.errors import JimrayError
 from jimray.fourier.fsc import resolution_at, shell_frequencies_per_angstrom
 from jimray.io.mrc import read_volume, write_volume
 from jimray.io.star import (
@@ -38,6 +42,7 @@ from jimray.io.star import (
     pose_columns,
     poses_from_particles,
     read_particles,
+    relative_image_names,
     write_particles,
 )
 
@@ -47,7 +52,7 @@ CLASS_COLUMN = "rlnClassNumber"
 SUBSET_COLUMN = "rlnRandomSubset"
 
 
-class AveragingError(ValueError):
+class AveragingError(JimrayError):
     """Input that cannot be averaged; the message names the file and the fix."""
 
 
@@ -87,25 +92,49 @@ class AveragingSummary:
         return int(sum(len(c.rows) for c in self.classes))
 
 
-def _voxel_size(table, specs: list[str], star_path: Path) -> float:
-    if table.voxel_size_angstrom:
-        return float(table.voxel_size_angstrom)
-    _, voxel = read_volume(specs[0])
-    if voxel:
-        return float(voxel)
-    raise AveragingError(f"{star_path}: no voxel size (rlnImagePixelSize in data_optics) and none in the MRC header "
-                         f"of {specs[0]}; add rlnImagePixelSize to the STAR file")
+def _check_columns(df: pd.DataFrame, star_path: Path) -> None:
+    if CLASS_COLUMN not in df.columns:
+        raise AveragingError(f"{star_path}: no {CLASS_COLUMN} column; `jimray average` averages each class: give a "
+                             "STAR with classes (e.g. `jimray predict`'s particles.star), or add rlnClassNumber 1 to "
+                             "every row for one class")
+    missing = [c for c in ANGLE_COLUMNS if c not in df.columns]
+    if missing:
+        raise AveragingError(f"{star_path}: no pose columns {', '.join(missing)}; `jimray average` averages under "
+                             "the STAR's poses: give a STAR with poses (e.g. `jimray predict`'s particles.star), or "
+                             "add the angles as 0 to refine from identity poses")
+
+
+def _check_volumes(specs: list[str], table, star_path: Path, skip_bad: bool, warn):
+    """The validation pass (:mod:`jimray.io.validate`): ``(rows to keep, voxel size)``; bad volumes refused or,
+    with ``skip_bad``, left out."""
+    from jimray.io.validate import AVERAGE_HINTS, check_volumes
+
+    origin = "the STAR optics block" if table.voxel_size_angstrom else ""
+    found = check_volumes(specs, source=star_path, voxel_size_angstrom=table.voxel_size_angstrom or None,
+                          voxel_source=origin, hints=AVERAGE_HINTS)
+    if found.voxel_size_angstrom is None and len(found.problems) < len(specs):
+        raise AveragingError(f"{star_path}: no voxel size (rlnImagePixelSize in data_optics) and none in the MRC "
+                             "headers; add rlnImagePixelSize to the STAR file")
+    skip = found.enforce(skip_bad, warn)
+    return np.array([s not in skip for s in specs], dtype=bool), float(found.voxel_size_angstrom)
 
 
 def load_class_particles(specs: list[str], normalize: bool = True) -> torch.Tensor:
     """Read subtomograms (paths or ``n@stack``) into ``(n, d, h, w)`` float32; with ``normalize`` each is set
-    to zero mean and unit standard deviation (subtomograms from different tomograms differ in contrast)."""
+    to zero mean and unit standard deviation (subtomograms from different tomograms differ in contrast).
+    A volume of another box than the first, or with non-finite or constant values, raises
+    :class:`AveragingError` naming its file."""
+    from jimray.io.validate import value_problem
+
     volumes = []
     for spec in specs:
         volume, _ = read_volume(spec)
         if volumes and volume.shape != volumes[0].shape:
             raise AveragingError(f"{spec}: box {volume.shape} differs from {volumes[0].shape} of the other particles; "
                                  "re-extract all subtomograms with one box size")
+        reason = value_problem(volume)
+        if reason is not None:
+            raise AveragingError(f"{spec}: {reason}; re-extract or replace it, or pass --skip-bad to leave it out")
         volumes.append(volume)
     stack = torch.from_numpy(np.stack(volumes))
     if normalize:
@@ -136,22 +165,31 @@ def average_particles(
     aligner: Aligner | None = None,
     device: str | torch.device | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    skip_bad: bool = False,
+    clear_out: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> AveragingSummary:
     """Average every class of ``star_path`` with gold-standard halves and write the output folder (module
     docstring). With ``refine`` the poses are refined ``iterations`` times against each half's own template
     (``aligner``; default: a local search around the STAR poses, half-width ``angular_step_degrees / 2``, when
     the STAR has angles, else the global classical search at ``angular_step_degrees``); without, the STAR poses
-    are used as they are. ``progress(class_name, done, total)`` is called after each class."""
+    are used as they are. ``progress(class_name, done, total)`` is called after each class. ``skip_bad``: leave
+    bad volumes out (``warn`` is told each); ``clear_out``: empty ``out_dir`` right before writing."""
     star_path, out = Path(star_path), Path(out_dir)
     started = time.perf_counter()
     table = read_particles(star_path)
     df = table.particles
     if len(df) == 0:
         raise AveragingError(f"{star_path}: no particles in the STAR file")
+    _check_columns(df, star_path)
     specs = image_specs(df, star_path)
-    voxel = _voxel_size(table, specs, star_path)
-    rotations, shifts = poses_from_particles(df, voxel)
-    classes = df[CLASS_COLUMN].to_numpy().astype(np.int64) if CLASS_COLUMN in df.columns else np.ones(len(df), int)
+    keep, voxel = _check_volumes(specs, table, star_path, skip_bad, warn)
+    df, specs = df[keep].reset_index(drop=True), [s for s, k in zip(specs, keep, strict=True) if k]
+    try:
+        rotations, shifts = poses_from_particles(df, voxel)
+        classes = df[CLASS_COLUMN].to_numpy().astype(np.int64)
+    except (ValueError, TypeError) as exc:
+        raise AveragingError(f"{star_path}: unusable pose or class columns ({exc}); fix the STAR file") from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if refine and aligner is None:
         has_poses = any(column in df.columns for column in ANGLE_COLUMNS)
@@ -176,6 +214,12 @@ def average_particles(
         if progress is not None:
             progress(f"class_{int(number):03d}", done, len(numbers))
     summary = AveragingSummary(star_path, out, voxel, box, results, 0.0)
+    if clear_out:
+        from jimray.io.outdir import clear_out_dir
+
+        clear_out_dir(out)
+        out.mkdir(parents=True, exist_ok=True)
+    df = df.assign(rlnImageName=relative_image_names(specs, out))
     summary.files = _write_outputs(summary, df, fsc_threshold, refine, iterations, tilt_range_degrees)
     summary.seconds = time.perf_counter() - started
     return summary

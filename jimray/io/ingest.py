@@ -1,8 +1,9 @@
 """Checking a RELION particle set and converting it to Parquet shards (the library side of ``jimray ingest``).
 
-Checks per particle file: readable header, as many data bytes as the header promises, a cubic box equal to the
-set's majority box, a voxel size (``--voxel-size``, else the STAR optics block, else the MRC headers, whose
-majority value then defines the set) and finite values. Ids are the STAR row order ``0..n-1``; bad rows are
+Checks per particle file (the shared pass of :mod:`jimray.io.validate`): readable header, as many data bytes as the
+header promises, a cubic box equal to the set's majority box, a voxel size (``--voxel-size``, which overrides the
+headers, else the STAR optics block, else the MRC headers' majority value; a header that differs from the set's is
+bad), finite and non-constant values. Ids are the STAR row order ``0..n-1``; bad rows are
 left out (their ids are not reused).
 
 Conversion reads every volume once: shards are written into a staging folder ``<out>/.staging-<pid>`` and moved
@@ -14,16 +15,17 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from jimray.io.mrc import parse_spec, read_header, read_volume, validate_volume_file
+from jimray.errors import DataError
+from jimray.io.mrc import read_volume
 from jimray.io.shards import write_shard
 from jimray.io.star import image_specs, read_particles
+from jimray.io.validate import REPLACE, check_volumes, value_problem
 
 __all__ = ["IngestReport", "check_particles", "ingest_star", "write_skipped_csv"]
 
@@ -48,53 +50,30 @@ class IngestReport:
         return not self.bad
 
 
-def _header_pass(specs: list[str], voxel_given: float | None, progress: Progress | None):
-    """Cheap checks from headers: returns (bad {index: reason}, box size, voxel size)."""
-    bad: dict[int, str] = {}
-    info: dict[int, tuple[tuple[int, ...], float | None]] = {}
-    cache: dict[str, str | None] = {}
-    for i, spec in enumerate(specs):
-        file_path = str(parse_spec(spec)[0])
-        if file_path not in cache:  # header and size (truncation) check, once per file (stacks!)
-            cache[file_path] = validate_volume_file(file_path, check_values=False)
-        reason = cache[file_path]
-        if reason is None:
-            try:
-                info[i] = read_header(spec)
-            except ValueError as exc:
-                reason = getattr(exc, "reason", str(exc))
-        if reason is not None:
-            bad[i] = reason
-        if progress:
-            progress(1, 2 * len(specs))
-    boxes = Counter(shape for shape, _ in info.values())
-    box = boxes.most_common(1)[0][0] if boxes else None
-    voxel = voxel_given
-    if voxel is None:
-        sizes = Counter(v for _, v in info.values() if v is not None)
-        voxel = sizes.most_common(1)[0][0] if sizes else None
-    for i, (shape, header_voxel) in info.items():
-        if len(shape) != 3 or len(set(shape)) != 1:
-            bad[i] = f"volume shape {shape} is not a cubic 3-D box"
-        elif shape != box:
-            bad[i] = f"box {shape[0]} differs from the set's majority box {box[0]}"
-        elif voxel_given is None and voxel is None:
-            bad[i] = "no voxel size in the STAR file or MRC header; pass --voxel-size"
-        elif voxel_given is None and header_voxel is not None and not np.isclose(header_voxel, voxel, rtol=1e-3):
-            bad[i] = f"voxel size {header_voxel:g} A differs from the set's {voxel:g} A; pass --voxel-size"
-    box_size = box[0] if box is not None and len(box) == 3 else None
-    return bad, box_size, voxel
+def _header_pass(specs: list[str], voxel_given: float | None, voxel_source: str, progress: Progress | None):
+    """Cheap checks from headers (:func:`jimray.io.validate.check_volumes` without the value pass): returns
+    (bad {index: reason}, box size, voxel size)."""
+    found = check_volumes(specs, source="", box_size=None, voxel_size_angstrom=voxel_given,
+                          voxel_source=voxel_source, value_bytes=0,
+                          progress=(lambda done, total: progress(1, 2 * total)) if progress else None)
+    index = {spec: i for i, spec in enumerate(specs)}
+    bad = {index[p.spec]: f"{p.reason}; {p.fix}" for p in found.problems}
+    if found.voxel_size_angstrom is None:
+        bad.update({i: "no voxel size in the STAR file or MRC header; pass --voxel-size"
+                    for i in range(len(specs)) if i not in bad})
+    return bad, found.box_size, found.voxel_size_angstrom
 
 
 def _prepare(star_path, voxel_size_angstrom, progress):
     table = read_particles(star_path)
     specs = image_specs(table.particles, star_path)
     if not specs:
-        raise ValueError(f"{star_path}: the particles block is empty; nothing to check")
+        raise DataError(f"{star_path}: the particles block is empty; nothing to check")
     voxel_given = voxel_size_angstrom if voxel_size_angstrom is not None else table.voxel_size_angstrom
     if voxel_given is not None and not (np.isfinite(voxel_given) and voxel_given > 0):
-        raise ValueError(f"voxel size must be a positive number of Angstrom, got {voxel_given}")
-    bad, box_size, voxel = _header_pass(specs, voxel_given, progress)
+        raise DataError(f"--voxel-size must be a positive number of Angstrom, got {voxel_given}")
+    origin = "--voxel-size" if voxel_size_angstrom is not None else "the STAR optics block"
+    bad, box_size, voxel = _header_pass(specs, voxel_given, origin, progress)
     return table, specs, bad, box_size, voxel
 
 
@@ -103,8 +82,9 @@ def _load(spec: str) -> tuple[np.ndarray | None, str | None]:
         volume, _ = read_volume(spec)
     except ValueError as exc:
         return None, getattr(exc, "reason", str(exc))
-    if not np.isfinite(volume).all():
-        return None, f"{int((~np.isfinite(volume)).sum())} non-finite values (NaN/Inf) in the volume"
+    reason = value_problem(volume)
+    if reason is not None:
+        return None, f"{reason}; {REPLACE}"
     return volume, None
 
 
@@ -159,9 +139,9 @@ def ingest_star(
     """
     star_path, out_dir = Path(star_path), Path(out_dir)
     if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        raise DataError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
     if not 0 <= tilt_range_degrees <= 90:
-        raise ValueError(f"tilt range must lie in [0, 90] degrees, got {tilt_range_degrees}")
+        raise DataError(f"--tilt-range must lie in [0, 90] degrees, got {tilt_range_degrees}")
     if out_dir.exists() and any(out_dir.glob("*.parquet")):  # fail before the (long) check, not after
         raise FileExistsError(f"{out_dir}: already holds Parquet shards; pass an empty or new folder")
     table, specs, bad, box_size, voxel = _prepare(star_path, voxel_size_angstrom, progress)
@@ -197,7 +177,7 @@ def ingest_star(
                 progress(1, 2 * len(specs))
         flush()
         report.bad = [(specs[i], bad[i]) for i in sorted(bad)]
-        if bad and not skip_bad:
+        if bad and (not skip_bad or len(bad) == len(specs)):  # nothing to write: leave no trace
             return report
         for path in staged:
             os.replace(path, out_dir / path.name)

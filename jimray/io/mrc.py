@@ -16,6 +16,8 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
+from jimray.errors import JimrayError
+
 __all__ = [
     "MRCError",
     "parse_spec",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 
-class MRCError(ValueError):
+class MRCError(JimrayError):
     """An MRC file that cannot be used; ``str(err)`` names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):

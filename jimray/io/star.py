@@ -22,6 +22,7 @@ from jimray.conventions import (
     origin_angstrom_to_shift,
     shift_to_origin_angstrom,
 )
+from jimray.errors import JimrayError
 
 __all__ = [
     "StarError",
@@ -32,6 +33,7 @@ __all__ = [
     "pose_columns",
     "resolve_image_path",
     "image_specs",
+    "relative_image_names",
 ]
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -40,7 +42,7 @@ ORIGIN_PIXEL_COLUMNS = ("rlnOriginX", "rlnOriginY", "rlnOriginZ")
 PIXEL_SIZE_COLUMNS = ("rlnImagePixelSize", "rlnPixelSize")
 
 
-class StarError(ValueError):
+class StarError(JimrayError):
     """A STAR file that cannot be used; the message names the file and the fix."""
 
 
@@ -206,6 +208,18 @@ def resolve_image_path(image_name: str, star_path: str | Path) -> str:
     if not file_path.is_absolute():
         file_path = Path(star_path).resolve().parent / file_path
     return f"{prefix}{file_path}"
+
+
+def relative_image_names(specs: list[str], out_dir: str | Path) -> list[str]:
+    """Resolved specs (:func:`image_specs`) -> ``rlnImageName`` values relative to ``out_dir``, for a STAR written
+    there: it then reads from where it is, wherever the folders are moved together."""
+    base = Path(out_dir).resolve()
+    names = []
+    for spec in specs:
+        head, sep, tail = str(spec).partition("@")
+        prefix, file_part = (f"{head}@", tail) if sep and head.isdigit() else ("", str(spec))
+        names.append(f"{prefix}{os.path.relpath(Path(file_part).resolve(), base)}")
+    return names
 
 
 def image_specs(particles: pd.DataFrame, star_path: str | Path) -> list[str]:

@@ -159,10 +159,14 @@ def predict(
     average: bool = True,
     voxel_size_angstrom: float | None = None,
     progress: Callable[[str], None] | None = None,
+    skip_bad: bool = False,
+    clear_out: bool = False,
 ) -> PredictSummary:
     """Cluster, build references and pose every subtomogram of ``data`` with the run in ``run_dir``; write
     ``out_dir`` (module docstring). ``voxel_size_angstrom`` overrides the data's (default: the training job's
-    override, else the data's own)."""
+    ``data.voxel_size_angstrom``, else the data's own: shards, STAR optics block, MRC headers; none: refused).
+    STAR / MRC input is validated first (:mod:`jimray.io.validate`; ``skip_bad`` leaves bad volumes out) and read
+    with the run's ``data.tilt_range_degrees``. ``clear_out``: empty ``out_dir`` right before the first write."""
     import ray
 
     from jimray.data.reader import read_subtomograms
@@ -174,10 +178,11 @@ def predict(
     data, out = Path(data), Path(out_dir)
     _check_arguments(data, actors, batch_size, iterations, initial)
     run = load_trained_run(run_dir)
-    init_ray()
     cfg = run.config.data
-    ds = read_subtomograms(data, box_size=cfg.box_size, voxel_size_angstrom=voxel_size_angstrom or
-                           cfg.voxel_size_angstrom, normalize=cfg.normalize)
+    voxel_size_angstrom, tilt, skip = _check_data(data, cfg, voxel_size_angstrom, skip_bad, say)
+    init_ray()
+    ds = read_subtomograms(data, box_size=cfg.box_size, voxel_size_angstrom=voxel_size_angstrom,
+                           tilt_range_degrees=tilt, normalize=cfg.normalize, skip=skip)
     run_ref, k = ray.put(run.payload()), run.n_clusters
     table = cluster_table(ds, run_ref, actors=actors, batch_size=batch_size)
     say(f"clustered {len(table)} subtomograms into {int((table.sizes(k) > 0).sum())} of {k} clusters ({run.rule})")
@@ -187,6 +192,10 @@ def predict(
                        batch_size=batch_size)
     say(f"posed {len(df)} subtomograms against their cluster's reference")
     voxel, tilt = _single_value(df, "voxel_size_angstrom", "voxel sizes"), float(df["tilt_range_degrees"].median())
+    if clear_out:
+        from jimray.io.outdir import clear_out_dir
+
+        clear_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     names, readable = _output_image_names(df, data, out)
     star = out / STAR_NAME
@@ -203,6 +212,27 @@ def predict(
     summary.files = sorted(p for p in out.iterdir() if p.is_file())
     _write_summary(summary, run_dir, data)
     return summary
+
+
+def _check_data(data: Path, cfg, voxel_size_angstrom: float | None, skip_bad: bool, say):
+    """The validation pass over STAR / MRC input (no Ray): ``(voxel size override, tilt range, specs to skip)``.
+    Parquet shards carry their own voxel size and tilt range (checked by ``jimray ingest``)."""
+    from jimray.data.reader import is_parquet_input
+    from jimray.io.validate import Hints, check_volume_set
+
+    voxel = voxel_size_angstrom if voxel_size_angstrom is not None else cfg.voxel_size_angstrom
+    if is_parquet_input(data):
+        return voxel, None, set()
+    origin = "--voxel-size" if voxel_size_angstrom is not None else "the run's data.voxel_size_angstrom"
+    hints = Hints(box=f"the run was trained on {cfg.box_size}^3 boxes; extract the particles at box {cfg.box_size}"
+                  " (or predict with a run trained at box {box})")
+    found = check_volume_set(data, box_size=cfg.box_size, voxel_size_angstrom=voxel, voxel_source=origin,
+                             hints=hints)
+    skip = found.enforce(skip_bad, say)
+    say(f"{len(found.specs) - len(skip)} subtomograms, box {found.box_size}, voxel size "
+        f"{found.voxel_size_angstrom:g} A (from {found.voxel_source}), tilt range {cfg.tilt_range_degrees:g} deg "
+        "(the run's data.tilt_range_degrees)")
+    return found.voxel_size_angstrom, cfg.tilt_range_degrees, skip
 
 
 def _check_arguments(data: Path, actors: int, batch_size: int, iterations: int, initial: str) -> None:

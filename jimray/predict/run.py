@@ -28,6 +28,7 @@ from jimray.cluster.gmm import GaussianMixture
 from jimray.cluster.pca import PCAState
 from jimray.config import ConfigError, JobConfig, load_job
 from jimray.conventions import invert_pose
+from jimray.errors import JimrayError
 from jimray.model.jimnet import JimNet
 from jimray.train.frame_step import FrameRound
 from jimray.train.state import MODEL_DIR
@@ -37,7 +38,7 @@ __all__ = ["RunError", "TrainedRun", "load_trained_run", "CONFIG_FILE", "MODEL_D
 CONFIG_FILE = "config.yaml"
 
 
-class RunError(ValueError):
+class RunError(JimrayError):
     """A run directory that cannot be used for prediction; the message names the path and the fix."""
 
 

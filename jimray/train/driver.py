@@ -3,13 +3,16 @@
 The run directory (``output.dir``) holds ``config.yaml``, ``run.json``, ``metrics.csv``, ``summary.json``,
 ``metrics.png``, ``checkpoints/`` (Ray Train storage: one checkpoint per round) and ``model/`` (the last
 round's checkpoint, which ``jimray predict`` loads). Running the same job again with the same run
-directory resumes from the last checkpoint rather than starting again.
+directory resumes from the last checkpoint rather than starting again; a different job or other data is refused
+before anything is written (:mod:`jimray.train.rundir`, which also writes ``data.json``), and the data are
+validated first (:mod:`jimray.io.validate`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -19,9 +22,10 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from jimray.config import ConfigError, JobConfig
-from jimray.data.reader import read_subtomograms
+from jimray.data.reader import is_parquet_input, read_subtomograms
 from jimray.train.loop import FAULT_ENV, train_loop_per_worker
 from jimray.train.records import write_metrics, write_run_info
+from jimray.train.rundir import prepare_run, write_data_record
 from jimray.train.sampler import PairSamplerActor
 from jimray.train.state import MODEL_DIR, load_round_state
 
@@ -48,14 +52,16 @@ class EveryRowDataConfig(DataConfig):
         return output
 
 
-def init_ray() -> None:
-    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one."""
+def init_ray(log_to_driver: bool = True) -> None:
+    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one.
+    ``log_to_driver=False`` keeps the workers' output (and Ray's log deduplication notices) off this terminal;
+    it stays in Ray's session logs (``/tmp/ray/session_latest/logs``)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # an existing cluster: never pass resource arguments
+        ray.init(log_to_driver=log_to_driver)  # an existing cluster: never pass resource arguments
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=log_to_driver)
 
 
 def prepare_data(config: JobConfig, run_dir: Path) -> Path:
@@ -84,15 +90,18 @@ def quiet_data_progress() -> None:
     ctx.print_on_execution_start = False
 
 
-def build_dataset(config: JobConfig, data_path: Path):
+def build_dataset(config: JobConfig, data_path: Path, skip: set[str] | frozenset[str] = frozenset()):
     """Ray Data stream of subtomograms (id, volume, tilt_range_degrees[, true_class], ...) for the trainer.
 
     Workers iterate numpy batches and pick the columns they need by name, so no schema pass is needed here.
+    STAR / MRC input gets the job's ``data.tilt_range_degrees`` (shards keep the tilt range they were written
+    with); ``skip``: the bad volumes left out by ``--skip-bad``.
     """
     d = config.data
     quiet_data_progress()
+    tilt = None if is_parquet_input(data_path) else d.tilt_range_degrees
     return read_subtomograms(data_path, box_size=d.box_size, voxel_size_angstrom=d.voxel_size_angstrom,
-                             normalize=d.normalize)
+                             tilt_range_degrees=tilt, normalize=d.normalize, skip=skip)
 
 
 def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> TorchTrainer:
@@ -131,22 +140,58 @@ def check_init_from(config: JobConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def run_training(config: JobConfig, command: list[str] | None = None) -> dict:
-    """Run (or resume) a training job; returns the summary written to ``summary.json``."""
+def _watch_rounds(sampler, total: int, progress, stop) -> None:
+    """Poll the sampler actor's round (set when each round's labels arrive) until ``stop`` is set;
+    ``progress(rounds done, total)`` on every change."""
+    last = -1
+    while not stop.wait(1.0):
+        try:
+            current = int(ray.get(sampler.current_round.remote(), timeout=5))
+        except Exception:  # noqa: BLE001 -- progress only; the actor may be busy or gone
+            continue
+        done = max(0, min(total, current - 1))
+        if done != last:
+            progress(done, total)
+            last = done
+
+
+def run_training(config: JobConfig, command: list[str] | None = None, progress=None, *, skip_bad: bool = False,
+                 force: bool = False, notice=None) -> dict:
+    """Run (or resume) a training job; returns the summary written to ``summary.json``. ``progress(done,
+    total)`` (optional) is told the rounds completed while training runs (polled about once a second).
+
+    Before any Ray work or write: the data are validated (:mod:`jimray.io.validate`; ``skip_bad`` leaves bad
+    volumes out with a ``notice``) and a rerun into an existing run must be the same job on the same data
+    (:mod:`jimray.train.rundir`; ``force`` starts a differing run in a fresh sibling folder instead)."""
     check_init_from(config)
+    config, skip, data = prepare_run(config, skip_bad=skip_bad, force=force, notice=notice)
     run_dir = Path(config.output.dir).resolve()
+    if notice is not None:
+        notice(f"run directory: {run_dir}")
     write_run_info(run_dir, config, command)
+    write_data_record(run_dir, data)
     init_ray()
-    ds = build_dataset(config, prepare_data(config, run_dir))
+    ds = build_dataset(config, prepare_data(config, run_dir), skip)
     sampler_name = f"jimray-sampler-{uuid.uuid4().hex[:8]}"
     sampler = PairSamplerActor.options(name=sampler_name, num_cpus=0).remote(
         config.train.reservoir_per_cluster, config.train.seed
     )
+    stop, watcher = threading.Event(), None
+    if progress is not None:
+        watcher = threading.Thread(target=_watch_rounds, args=(sampler, config.train.rounds, progress, stop),
+                                   daemon=True)
+        watcher.start()
     try:
         result = build_trainer(config, ds, run_dir, sampler_name).fit()
     finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=10)
         ray.kill(sampler)
-    return finish_run(run_dir, result.checkpoint)
+    summary = finish_run(run_dir, result.checkpoint)
+    if progress is not None:
+        progress(summary.get("rounds_completed", config.train.rounds), config.train.rounds)
+    return summary
 
 
 def finish_run(run_dir: Path, checkpoint) -> dict:

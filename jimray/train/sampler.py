@@ -67,6 +67,10 @@ class PairSampler:
         self._res_tilts: dict[int, np.ndarray] = {}
         self._vol_shape: tuple[int, ...] | None = None
 
+    def current_round(self) -> int:
+        """The round being sampled (0 before the first); the driver polls it for its progress bar."""
+        return self.round_index
+
     def add_labels(self, ids, labels) -> None:
         """Record the cluster label of each id (any number of calls, from any worker, per round)."""
         ids = _ids_array(ids)
