@@ -204,22 +204,35 @@ def _embedding_gmm(embedding: torch.Tensor, k: int, seed: int, pca_dims: int = 8
     return np.asarray(gmm.fit(z).predict(z), dtype=np.int64)
 
 
-def invariant_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+def _embedding_consensus(embedding: torch.Tensor, k: int, seed: int) -> np.ndarray:
+    """The clustering rule of `jimray train` (gmm.consensus_dims default, :mod:`jimray.cluster.consensus`)."""
+    from jimray.cluster.consensus import consensus_mixture
+
+    return consensus_mixture(embedding.double(), k, seed=seed)[0]
+
+
+def _cluster(embedding: torch.Tensor, k: int, seed: int, clustering: str) -> np.ndarray:
+    return _embedding_consensus(embedding, k, seed) if clustering == "consensus" else _embedding_gmm(embedding, k, seed)
+
+
+def invariant_method(options: CompareOptions, clustering: str = "single") -> Callable[[Dataset], MethodResult]:
     """Rotation-invariant features (radial profile + radially averaged power spectrum over the measured
-    voxels, :mod:`jimray.cluster.invariant`), whitened PCA 8 + diagonal GMM: no alignment, no network."""
+    voxels, :mod:`jimray.cluster.invariant`), whitened PCA 8 + diagonal GMM (``clustering="single"``) or the
+    consensus of mixtures (``"consensus"``): no alignment, no network."""
     from jimray.cluster.invariant import invariant_features
 
     def run(ds: Dataset) -> MethodResult:
         features = invariant_features(ds.volumes, ds.tilt_range_degrees)
-        return MethodResult(labels=_embedding_gmm(features, ds.n_classes, options.seed))
+        return MethodResult(labels=_cluster(features, ds.n_classes, options.seed, clustering))
 
     return run
 
 
-def frame_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
+def frame_method(options: CompareOptions, clustering: str = "consensus") -> Callable[[Dataset], MethodResult]:
     """jimray's common frame (:mod:`jimray.cluster.frame`, the default embedding of `jimray train`): mode-seeking
-    references, ``options.frame_rounds`` rounds, aligned-score embedding, whitened PCA 8 + diagonal GMM. Pair
-    poses: source and target aligned onto the source's best reference, composed."""
+    references, ``options.frame_rounds`` rounds, aligned-score embedding, clustered by the consensus of mixtures
+    (`jimray train`'s default) or, as an ablation (``clustering="single"``), one whitened PCA 8 + diagonal GMM.
+    Pair poses: source and target aligned onto the source's best reference, composed."""
     from jimray.cluster.frame import FrameOptions, frame_scores
     from jimray.cluster.reduce import LocalReducer
     from jimray.train.frame_step import frame_step
@@ -231,7 +244,7 @@ def frame_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
             embedding, frame = frame_step(ds.volumes, tilts, ids, ds.volumes.shape[-1],
                                           FrameOptions(angular_step_degrees=options.angular_step_degrees,
                                                        seed=options.seed), LocalReducer(), frame)
-            labels = _embedding_gmm(embedding, ds.n_classes, options.seed)
+            labels = _cluster(embedding, ds.n_classes, options.seed, clustering)
             history.append(round(100.0 * clustering_accuracy(ds.classes, labels), 1))
         src, tgt = ds.pairs[:, 0], ds.pairs[:, 1]
         scores = frame_scores(ds.volumes[np.concatenate([src, tgt])], tilts[: 2 * len(src)], frame.references,
@@ -267,7 +280,10 @@ def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], Meth
     methods = {
         "true poses (ceiling)": true_pose_ceiling_method(options),
         "rotation-invariant features": invariant_method(options),
+        "rotation-invariant features + consensus": invariant_method(options, "consensus"),
         f"common frame (jimray, {options.frame_rounds} rounds)": frame_method(options),
+        f"common frame, one mixture (PCA 8; ablation, {options.frame_rounds} rounds)":
+            frame_method(options, "single"),
         f"constrained-CC search ({step})": classical_search_method(options),
         f"MRA ({options.mra_iterations} it, {step})": mra_method(options),
         "PCA + k-means": pca_method("kmeans", options),

@@ -364,6 +364,28 @@ class GaussianMixture:
                         n_iter, self.tol)
         return self
 
+    def fit_labels(self, X, labels, reducer: Reducer | None = None) -> GaussianMixture:
+        """Set the parameters to the M-step of hard ``labels (n,)`` (values in ``[0, K)``) on the local rows
+        ``X (n, d)`` (with a reducer, on every rank's rows): weights = cluster fractions, means, covariances
+        + ``reg_covar``; no EM follows. A clustering found by other means (e.g. a consensus) becomes a mixture
+        whose ``predict`` reproduces it wherever one Gaussian per cluster separates the clusters."""
+        reducer = as_reducer(reducer)
+        X, _ = _as_tensor(X, self.dtype, self.device)
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=X.device)
+        k = self.n_components
+        if labels.shape != (X.shape[0],) or (labels.numel() and (labels.min() < 0 or labels.max() >= k)):
+            raise ValueError(f"labels must have shape ({X.shape[0]},) with values in [0, {k}), got shape "
+                             f"{tuple(labels.shape)}")
+        zero = torch.zeros((k, X.shape[1]), dtype=self.dtype, device=X.device)
+        nk, s1, s2 = _stats(torch.nn.functional.one_hot(labels, k).to(self.dtype), X[None] - zero[:, None],
+                            self.covariance_type)
+        n_total = float(reducer.all_reduce_sum(torch.tensor([float(X.shape[0])], dtype=self.dtype))[0])
+        _, (nk, s1, s2) = self._reduce_stats(torch.zeros((), dtype=self.dtype, device=X.device), nk, s1, s2,
+                                             reducer)
+        self._set_params(self._m_step(nk, s1, s2, zero, n_total))
+        self.lower_bound_, self.n_iter_, self.converged_, self.n_features_in_ = float("nan"), 0, True, X.shape[1]
+        return self
+
     def _log_resp(self, X) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(weighted log prob (n, K), log-normaliser (n,), X was numpy) on X's device."""
         self._check_fitted()

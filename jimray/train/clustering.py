@@ -1,8 +1,11 @@
 """(b) of a round: PCA + Gaussian mixture over the embeddings that stay on the workers.
 
-Only sufficient statistics (and a bounded seeding sample) cross the wire, through the reducer. With a
-fixed K the mixture is warm-started from last round's clusters (their means in this round's PCA space);
-with K unset it is chosen by BIC over the candidates.
+Only sufficient statistics (and a bounded seeding sample) cross the wire, through the reducer. With K unset
+it is chosen by BIC over the candidates (one mixture at ``pca_dims``). By default (``gmm.consensus_dims``) the
+clusters are the consensus of an ensemble of mixtures over several PCA sizes (:mod:`jimray.cluster.consensus`),
+stored as one diagonal mixture on the whitened embedding (the M-step of the consensus labels) so that
+``jimray predict`` reproduces them. Without the consensus and with a fixed K the mixture is warm-started from
+last round's clusters (their means in this round's PCA space).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from jimray.cluster.consensus import consensus_mixture
 from jimray.cluster.gmm import GaussianMixture
 from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import Reducer
@@ -77,6 +81,10 @@ def cluster_embeddings(
     kwargs = gmm_kwargs(config)
     if config.n_components is None:
         gmm, _table = fit_best_k(z, config.candidates, reducer=reducer, **kwargs)
+        if config.consensus_dims:
+            return _consensus(embeddings, config, gmm.n_components, reducer)
+    elif config.consensus_dims:
+        return _consensus(embeddings, config, config.n_components, reducer)
     else:
         means = None
         if previous_labels is not None and previous_k == config.n_components:
@@ -86,3 +94,13 @@ def cluster_embeddings(
         gmm = GaussianMixture(config.n_components, means_init=means, **kwargs).fit(z, reducer=reducer)
     labels = np.asarray(gmm.predict(z), dtype=np.int64)
     return ClusterState(labels, gmm.n_components, float(gmm.bic(z, reducer=reducer)), gmm, pca)
+
+
+def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int, reducer: Reducer) -> ClusterState:
+    """K clusters by the consensus of the ensemble, as one diagonal mixture on the whitened embedding."""
+    labels, gmm, pca = consensus_mixture(embeddings, k, config.consensus_dims, config.consensus_seeds,
+                                         seed=config.seed, reducer=reducer, n_init=max(config.n_init, 5),
+                                         max_iter=max(config.max_iter, 300), tol=config.tol,
+                                         init_sample=config.init_sample)
+    z = pca.transform(embeddings.double())
+    return ClusterState(labels, k, float(gmm.bic(torch.as_tensor(z), reducer=reducer)), gmm, pca)
