@@ -142,7 +142,7 @@ class FrameConfig(_Strict):
     embedding: Literal["frame", "network"] = Field(
         "frame", description="frame: aligned scores against mode-seeking references; network: Jim-Net F(x, x)"
     )
-    n_references: int = Field(30, ge=2, description="references R of the common frame")
+    n_references: int = Field(45, ge=2, description="references R of the common frame")
     members_per_reference: int = Field(15, ge=1, description="particles averaged into each reference per round")
     angular_step_degrees: float = Field(30.0, gt=0, le=90, description="rotation grid of the alignment")
     lowpass_cycles_per_voxel: float = Field(0.25, gt=0, le=0.5, description="highest frequency scored")

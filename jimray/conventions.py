@@ -36,15 +36,17 @@ Metrics (the paper's, kept exactly)
 * Rotation error ``||R_true - R_pred||_F`` (0 .. 2*sqrt(2) = 2.83).
 * Translation error: L2 distance of the shifts, in voxels.
 * Clustering accuracy: fraction of particles whose predicted cluster, after the Hungarian matching of
-  predicted to true labels that maximises agreement, equals the true class.
+  predicted to true labels that maximises agreement, equals the true class (computed with the rest of the
+  label matching in :mod:`jimray.cluster.labels`; re-exported here).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
+
+from jimray.cluster.labels import clustering_accuracy  # noqa: F401  (the paper's metric, defined with the matching)
 
 MAX_ROTATION_ERROR = float(2.0 * np.sqrt(2.0))
 
@@ -135,36 +137,3 @@ def translation_error(shift_true, shift_pred) -> np.ndarray:
     if a.shape != b.shape or a.shape[-1] != 3:
         raise ValueError(f"translation_error needs two (..., 3) arrays of one shape, got {a.shape} and {b.shape}")
     return np.sqrt(((a - b) ** 2).sum(axis=-1))
-
-
-def hungarian_mapping(labels_from: np.ndarray, labels_to: np.ndarray) -> dict[int, int]:
-    """Map each label of ``labels_from`` to a label of ``labels_to`` maximising agreement (Hungarian).
-
-    Labels of ``labels_from`` left without a partner (more clusters than targets) keep a fresh label.
-    """
-    a = np.asarray(labels_from, dtype=np.int64)
-    b = np.asarray(labels_to, dtype=np.int64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"label arrays must be 1-D and of equal length, got {a.shape} and {b.shape}")
-    ua, ia = np.unique(a, return_inverse=True)
-    ub, ib = np.unique(b, return_inverse=True)
-    counts = np.zeros((len(ua), len(ub)), dtype=np.int64)
-    np.add.at(counts, (ia, ib), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    mapping = {int(ua[r]): int(ub[c]) for r, c in zip(rows, cols, strict=True)}
-    fresh = int(max(ub.max(initial=-1), ua.max(initial=-1))) + 1
-    for label in ua:
-        if int(label) not in mapping:
-            mapping[int(label)] = fresh
-            fresh += 1
-    return mapping
-
-
-def clustering_accuracy(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """Paper's clustering accuracy in [0, 1]: agreement after Hungarian matching of predicted to true labels."""
-    t = np.asarray(labels_true, dtype=np.int64)
-    p = np.asarray(labels_pred, dtype=np.int64)
-    if len(t) == 0:
-        raise ValueError("clustering_accuracy needs at least one label")
-    mapping = hungarian_mapping(p, t)
-    return float(np.mean(np.array([mapping[int(x)] for x in p]) == t))

@@ -48,7 +48,7 @@ import pandas as pd
 
 from jimray.config import JobConfig
 from jimray.errors import JimrayError
-from jimray.train.state import MODEL_DIR, STATE_FILE
+from jimray.run_files import MODEL_DIR, PREDICT_JSON, STATE_FILE, SUMMARY_JSON
 
 __all__ = ["STAGES", "PipelineError", "PipelineWatcher", "RunLayout", "StageLog", "run_pipeline", "resolve_tomograms",
            "stage_names"]
@@ -325,7 +325,7 @@ def training_job(job: JobConfig, lay: RunLayout) -> JobConfig:
 
 
 def _train_done(job: JobConfig, lay: RunLayout) -> bool:
-    summary = lay.train / "summary.json"
+    summary = lay.train / SUMMARY_JSON
     if not ((lay.train / MODEL_DIR / STATE_FILE).is_file() and summary.is_file()):
         return False
     return json.loads(summary.read_text()).get("rounds_completed", 0) >= job.train.rounds
@@ -345,7 +345,7 @@ def stage_train(job: JobConfig, lay: RunLayout, say: Say) -> dict:
 
 
 def _predict_done(job: JobConfig, lay: RunLayout) -> bool:
-    return (lay.predict / "predict.json").is_file()
+    return (lay.predict / PREDICT_JSON).is_file()
 
 
 def stage_predict(job: JobConfig, lay: RunLayout, say: Say) -> dict:
@@ -364,8 +364,8 @@ def _average_done(job: JobConfig, lay: RunLayout) -> bool:
 
 
 def stage_average(job: JobConfig, lay: RunLayout, say: Say) -> dict:
-    """Gold-standard half maps, FSC and report.html (:func:`jimray.io.averaging.average_particles`) -> ``average/``."""
-    from jimray.io.averaging import average_particles
+    """Gold-standard half maps, FSC and report.html (:func:`jimray.average.run.average_particles`) -> ``average/``."""
+    from jimray.average.run import average_particles
 
     a = job.pipeline.average
     s = average_particles(lay.predict / "particles.star", lay.average, iterations=a.iterations,
@@ -496,7 +496,7 @@ def run_pipeline(job: JobConfig, progress: Say | None = None, watcher: PipelineW
     returns the ``pipeline.json`` record: ``{"stages": {name: {status, seconds, counts}}, "job": ...}``.
     ``progress`` gets every stage's messages, ``watcher`` the stages' starts, progress and ends; without
     ``ray_logs`` a Ray started here does not forward its workers' output and Ray Data draws no bars."""
-    from jimray.train.driver import init_ray
+    from jimray.ray_setup import init_ray
 
     if job.pipeline is None:
         raise PipelineError("the job has no pipeline: section; add one (see jobs/synechocystis_smoke.yaml or "
@@ -510,7 +510,7 @@ def run_pipeline(job: JobConfig, progress: Say | None = None, watcher: PipelineW
         init_ray()
     else:
         init_ray(log_to_driver=False)
-        from jimray.train.driver import quiet_data_progress
+        from jimray.ray_setup import quiet_data_progress
 
         quiet_data_progress()
     for name in names:

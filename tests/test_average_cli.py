@@ -19,7 +19,7 @@ from jimray.fourier.masks import wedge_masks
 from jimray.geometry import transform_volumes
 from jimray.io.mrc import read_volume
 from jimray.io.simulated import write_simulated_dataset
-from jimray.io.star import poses_from_particles, read_particles
+from jimray.io.star import image_specs, poses_from_particles, read_particles
 from jimray.simulate.subtomogram import apply_fourier_filter, simulate_subtomograms
 
 VOXEL = 8.0
@@ -56,6 +56,9 @@ def test_average_no_refine_writes_everything_and_poses_reproduce_particles(datas
     assert list(table.columns) == ["class", "shell", "frequency_per_angstrom", "resolution_angstrom", "fsc"]
     assert len(table) == 2 * (BOX // 2 + 1) and set(table["class"]) == {1, 2}
     assert table["frequency_per_angstrom"].max() == pytest.approx(1 / (2 * VOXEL))
+    assert table["fsc"].between(-1.0, 1.0).all()
+    # Noise-free particles under their true poses: the half maps agree at low resolution.
+    assert (table.loc[table["shell"].between(1, 3), "fsc"] > 0.9).all(), table
     # The pose in the STAR applied to the class average gives back each (wedged, clean) particle.
     written = read_particles(out / "particles.star")
     rotations, shifts = poses_from_particles(written.particles, written.voxel_size_angstrom)
@@ -73,6 +76,20 @@ def test_average_no_refine_writes_everything_and_poses_reproduce_particles(datas
         posed = apply_fourier_filter(posed, wedge)
         for k, i in enumerate(rows):
             assert correlation(posed[k], sim.volumes[i]) > 0.9
+
+
+def test_averaging_normalises_volumes_like_training(dataset):
+    from jimray.average.run import load_class_particles
+    from jimray.data.reader import normalize_batch
+
+    _, star, _, _ = dataset
+    specs = image_specs(read_particles(star).particles, star)[:3]
+    got = load_class_particles(specs).numpy()
+    raw = np.stack([read_volume(s)[0] for s in specs])
+    np.testing.assert_array_equal(got, normalize_batch({"volume": raw})["volume"])
+    np.testing.assert_allclose(got.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(got.std(axis=(1, 2, 3)), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(load_class_particles(specs, normalize=False).numpy(), raw)
 
 
 def test_average_with_refinement_and_report_images(dataset):

@@ -162,9 +162,9 @@ def test_bad_volume_is_one_line_naming_the_file_exit_2(bad, command, tmp_path, r
 
 @pytest.mark.parametrize("bad", ["truncated", "non-finite", "constant"])
 def test_pick_refuses_a_bad_tomogram_before_ray(bad, tmp_path, rng, capsys, monkeypatch):
-    import jimray.train.driver as driver
+    import jimray.ray_setup as ray_setup
 
-    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: pytest.fail("Ray started before the input check"))
+    monkeypatch.setattr(ray_setup, "init_ray", lambda *a, **k: pytest.fail("Ray started before the input check"))
     tomogram = tmp_path / "tomo.mrc"
     write_volume(tomogram, rng.normal(size=(8, 12, 12)).astype(np.float32), VOXEL)
     {"truncated": _truncate, "non-finite": _nan, "constant": _constant}[bad](tomogram, rng)

@@ -13,8 +13,9 @@ from sklearn.datasets import make_blobs
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from jimray.cluster.gmm import GaussianMixture
+from jimray.cluster.labels import match_components, relabel
 from jimray.cluster.reduce import LocalReducer, TorchDistributedReducer
-from jimray.cluster.select import fit_best_k, gmm_kwargs, match_components, relabel
+from jimray.cluster.select import fit_best_k, gmm_kwargs
 from jimray.config import GMMConfig
 from jimray.conventions import clustering_accuracy
 

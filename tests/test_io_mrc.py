@@ -10,6 +10,7 @@ from jimray.io.mrc import (
     parse_spec,
     read_header,
     read_volume,
+    split_image_name,
     validate_volume_file,
     write_stack,
     write_volume,
@@ -50,6 +51,11 @@ def test_stack_addressing_is_one_based(tmp_path, rng):
 def test_parse_spec():
     assert parse_spec("3@a/b.mrcs") == (parse_spec("a/b.mrcs")[0], 3)
     assert parse_spec("dir@x/b.mrc")[1] is None  # '@' inside a name is not an index
+    assert split_image_name("12@stacks/a.mrcs") == ("12@", "stacks/a.mrcs")
+    assert split_image_name("dir@x/b.mrc") == ("", "dir@x/b.mrc")
+    assert split_image_name("plain.mrc") == ("", "plain.mrc")
+    with pytest.raises(MRCError, match="1-based"):
+        parse_spec("0@a.mrcs")
 
 
 def test_truncated_and_garbage_files_name_the_file(tmp_path, rng):

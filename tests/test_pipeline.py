@@ -115,7 +115,7 @@ def _fake_stages(calls: list[str]) -> dict:
 def test_rerun_skips_done_stages_and_redoes_everything_after_a_missing_one(tmp_path, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(pipeline_module, "STAGES", _fake_stages(calls))
-    monkeypatch.setattr("jimray.train.driver.init_ray", lambda: None)
+    monkeypatch.setattr("jimray.ray_setup.init_ray", lambda: None)
     job = load_job(SMOKE, [f"output.dir={tmp_path}"])
     assert list(run_pipeline(job)["stages"]) == list(stage_names(job)) == calls
     calls.clear()

@@ -11,9 +11,10 @@ from conftest import TINY_TRAINING
 
 from jimray.config import ConfigError, load_job
 from jimray.model import JimNet
+from jimray.run_files import PRETRAIN_CHECKPOINT_FILE
 from jimray.train.pretrain import PairTraining, load_pretrained_weights
 from jimray.train.pretrain_job import finished_record, run_pretraining
-from jimray.train.state import PRETRAIN_CHECKPOINT_FILE, load_pretrained
+from jimray.train.state import load_pretrained
 
 TINY_PRETRAIN = [
     *TINY_TRAINING,

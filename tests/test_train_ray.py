@@ -13,6 +13,7 @@ import torch
 from conftest import TINY_TRAINING
 
 from jimray.config import load_job
+from jimray.conventions import clustering_accuracy
 from jimray.io.simulated import simulate_dataset, write_simulated_dataset
 
 pytestmark = pytest.mark.ray
@@ -55,12 +56,21 @@ def test_training_writes_run_dir(ray_cluster, tiny_data, tmp_path):
             "clustering_accuracy", "n_clusters"} <= set(metrics.columns)
     assert (metrics["n_subtomograms"] == 13).all()  # every id embedded exactly once per round
     assert summary["rounds_completed"] == 2
-    assert 0.0 <= summary["clustering_accuracy"] <= 1.0
     assert sum(summary["cluster_sizes"]) == 13
     with np.load(out / "model" / "labels.npz") as saved:  # every subtomogram labelled once, keyed by id
-        assert np.array_equal(np.sort(saved["ids"]), np.arange(13))
-    for name in ("config.yaml", "run.json", "summary.json", "metrics.png", "model/state.pt", "model/labels.npz"):
-        assert (out / name).is_file(), name
+        ids, labels = saved["ids"], saved["labels"]
+    assert np.array_equal(np.sort(ids), np.arange(13))
+    # the reported accuracy is the paper's metric of the saved last-round labels against the shards' truth
+    truth = pd.read_parquet(tiny_data, columns=["id", "true_class"]).set_index("id")["true_class"]
+    assert summary["clustering_accuracy"] == pytest.approx(clustering_accuracy(truth.loc[ids].to_numpy(), labels))
+    assert summary["cluster_sizes"] == np.bincount(labels, minlength=summary["n_clusters"]).tolist()
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert metrics["clustering_accuracy"].iloc[-1] == pytest.approx(summary["clustering_accuracy"])
+    saved_job = load_job(out / "config.yaml")
+    assert saved_job.data.path == str(tiny_data) and saved_job.train.rounds == 2
+    assert [run["command"] for run in json.loads((out / "run.json").read_text())] == ["pytest"]
+    for name in ("metrics.png", "model/state.pt"):
+        assert (out / name).stat().st_size > 0, name
 
 
 def test_killed_worker_resumes_and_rerun_resumes(ray_cluster, tiny_data, tmp_path, monkeypatch):

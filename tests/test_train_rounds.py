@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from jimray.cluster import labels as matching
 from jimray.cluster.reduce import LocalReducer
 from jimray.config import GMMConfig
 from jimray.conventions import clustering_accuracy
 from jimray.train import rounds
-from jimray.train.clustering import cluster_embeddings, reorder_to
+from jimray.train.clustering import cluster_embeddings
 
 
 def test_relabel_restores_previous_names(rng):
@@ -18,7 +19,7 @@ def test_relabel_restores_previous_names(rng):
     perm = np.array([2, 0, 3, 1])
     new = perm[previous]
     new[:10] = (new[:10] + 1) % 4  # a few real changes
-    relabelled, changed, lut = rounds.relabel_to_previous(new, previous, 4, LocalReducer())
+    relabelled, changed, lut = matching.relabel_to_previous(new, previous, 4, LocalReducer())
     assert np.array_equal(lut[new], relabelled)
     assert np.mean(relabelled == previous) >= 0.95
     assert changed == pytest.approx(np.mean(relabelled != previous))
@@ -27,7 +28,7 @@ def test_relabel_restores_previous_names(rng):
 def test_relabel_when_k_shrinks_stays_in_range(rng):
     previous = rng.integers(0, 5, size=300)
     new = np.minimum(previous, 2)  # 5 clusters merged into 3
-    relabelled, _, _ = rounds.relabel_to_previous(new, previous, 3, LocalReducer())
+    relabelled, _, _ = matching.relabel_to_previous(new, previous, 3, LocalReducer())
     assert relabelled.min() >= 0 and relabelled.max() <= 2
     assert len(np.unique(relabelled)) == 3
 
@@ -36,7 +37,7 @@ def test_global_accuracy_equals_paper_metric(rng):
     truth = rng.integers(0, 3, size=150)
     labels = (truth + 1) % 3
     labels[:30] = rng.integers(0, 3, size=30)
-    acc = rounds.global_accuracy(truth, labels, 3, LocalReducer())
+    acc = matching.global_accuracy(truth, labels, 3, LocalReducer())
     assert acc == pytest.approx(clustering_accuracy(truth, labels))
 
 
@@ -62,7 +63,7 @@ def test_cluster_embeddings_separates_blobs_and_reorders(rng):
     assert state.n_clusters == 3
     assert clustering_accuracy(truth, state.labels) == 1.0
     lut = np.array([2, 0, 1])
-    reorder_to(state.gmm, lut)
+    matching.reorder_to(state.gmm, lut)
     z = torch.as_tensor(state.pca.transform(x))
     assert np.array_equal(np.asarray(state.gmm.predict(z)), lut[state.labels])
 
@@ -71,9 +72,11 @@ def test_warm_start_from_previous_labels_keeps_clusters(rng):
     centres = rng.normal(size=(4, 5)) * 10
     truth = rng.integers(0, 4, size=200)
     x = torch.as_tensor(centres[truth] + rng.normal(size=(200, 5)))
-    config = GMMConfig(n_components=4, pca_dims=None, n_init=1)
+    config = GMMConfig(n_components=4, pca_dims=None, n_init=1, consensus_dims=None)
     state = cluster_embeddings(x, config, LocalReducer(), truth, 4)
-    assert np.array_equal(state.labels, truth)  # started from the previous clusters' means
+    assert np.array_equal(state.labels, truth)  # one mixture: started from the previous clusters' means
+    consensus = cluster_embeddings(x, GMMConfig(n_components=4), LocalReducer(), truth, 4)
+    assert clustering_accuracy(truth, consensus.labels) == 1.0  # fresh ensemble; the loop renames to last round
 
 
 def test_clustering_does_not_depend_on_embedding_scale(rng):

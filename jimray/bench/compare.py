@@ -5,11 +5,12 @@ embedded maps (:func:`jimray.simulate.embedded.embedded_maps`): ``per_class`` su
 tilt range 60 (30-degree missing wedge), box 32, shifts up to 2 voxels; plus ``pairs`` random same-class pairs
 with their true relative pose (``target ~ transform(source, R, t)``, the Jim-Net pair sense).
 
-Every method is a callable ``method(dataset) -> MethodResult`` in a registry (:func:`build_methods`,
-:func:`register_method`); it returns cluster labels and/or the predicted pose of each pair. The runner times it
-and scores it with the paper's metrics (:mod:`jimray.conventions`): rotation error ``||R - R'||_F`` and
-translation error (voxels) over the pairs, clustering accuracy (percent, Hungarian-matched) over all
-subtomograms, and wall seconds per subtomogram (per pair for pair-only methods). Jim-Net's numbers from the
+Every method is a callable ``method(dataset) -> MethodResult`` (the records and the registry are in
+:mod:`jimray.bench.methods`; :func:`build_methods` lists the methods explicitly, then those added with
+:func:`~jimray.bench.methods.register_method`); it returns cluster labels and/or the predicted pose of each
+pair. The runner times it and scores it with the paper's metrics (:mod:`jimray.conventions`): rotation error
+``||R - R'||_F`` and translation error (voxels) over the pairs, clustering accuracy (percent, Hungarian-matched)
+over all subtomograms, and wall seconds per subtomogram (per pair for pair-only methods). Jim-Net's numbers from the
 paper are printed alongside for reference.
 """
 
@@ -18,19 +19,19 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import typer
 from rich.console import Console
 
+from jimray.bench import jimnet_method
 from jimray.bench.common import markdown_table, timer, write_results
+from jimray.bench.methods import PAPER_SNRS, CompareOptions, Dataset, MethodResult, registered_methods
 from jimray.conventions import clustering_accuracy, compose_poses, invert_pose, rotation_error, translation_error
 
 console = Console(stderr=True)
 
-PAPER_SNRS = (100.0, 0.1, 0.05, 0.03, 0.01)
 # Jim-Net, as reported in the paper (clustering %, rotation error, translation error in voxels) per SNR.
 PAPER_JIMNET = {
     100.0: (100.0, 0.29, 1.28),
@@ -41,56 +42,6 @@ PAPER_JIMNET = {
 }
 COLUMNS = ["method", "snr", "rotation_error_mean", "rotation_error_std", "translation_error_mean",
            "translation_error_std", "clustering_accuracy", "seconds_per_subtomogram"]
-
-
-@dataclass
-class Dataset:
-    """One simulated level: ``volumes (n, d, h, w)``, true ``classes (n,)``, poses ``rotations (n, 3, 3)`` /
-    ``shifts (n, 3)`` (particle ~ transform(map, R, t)), ``pairs (m, 2)`` (source, target) indices of
-    same-class subtomograms with true pair poses ``pair_rotations (m, 3, 3)`` / ``pair_shifts (m, 3)``."""
-
-    volumes: torch.Tensor
-    classes: np.ndarray
-    rotations: torch.Tensor
-    shifts: torch.Tensor
-    tilt_range_degrees: float
-    snr: float
-    n_classes: int
-    pairs: np.ndarray
-    pair_rotations: torch.Tensor
-    pair_shifts: torch.Tensor
-
-
-@dataclass
-class MethodResult:
-    """What a method predicts: ``labels (n,)`` (or None) and/or the pose of each pair of the data set,
-    ``pair_rotations (m, 3, 3)`` / ``pair_shifts (m, 3)`` with target ~ transform(source, R, t) (or None)."""
-
-    labels: np.ndarray | None = None
-    pair_rotations: torch.Tensor | None = None
-    pair_shifts: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass
-class CompareOptions:
-    snrs: tuple[float, ...] = PAPER_SNRS
-    structures: tuple[str, ...] = ("6zu5_ribosome", "4v8r_tric")
-    per_class: int = 10
-    pairs: int = 10
-    tilt_range_degrees: float = 60.0
-    box_size: int = 32
-    angular_step_degrees: float = 30.0
-    refine_steps: int = 4
-    mra_iterations: int = 3
-    pca_components: int = 10
-    frame_rounds: int = 5  # common frame (jimray): mode-seeking rounds
-    seed: int = 0
-    jimnet_rounds: int = 3  # Jim-Net (measured, jimray.bench.jimnet_method): training rounds per level
-    jimnet_epochs: int = 2  # epochs per round
-    jimnet_job: str | None = None  # job YAML ('{snr}' = the level) instead of the jobs/snr_*.yaml defaults
-    jimnet_overrides: tuple[str, ...] = ()  # extra --set strings for the Jim-Net job
-    jimnet_init: str | None = None  # a `jimray pretrain` model: adds the "Jim-Net (measured, pretrained)" rows
 
 
 def pair_truth(rotations: torch.Tensor, shifts: torch.Tensor, pairs: np.ndarray):
@@ -261,21 +212,10 @@ def frame_method(options: CompareOptions, clustering: str = "consensus") -> Call
     return run
 
 
-_EXTRA_METHODS: dict[str, Callable[[CompareOptions], Callable[[Dataset], MethodResult] | None]] = {}
-
-
-def register_method(
-    name: str, factory: Callable[[CompareOptions], Callable[[Dataset], MethodResult] | None]
-) -> None:
-    """Add a method (e.g. Jim-Net): ``factory(options)`` returns ``method(dataset) -> MethodResult``, or None
-    when the options leave the method out."""
-    _EXTRA_METHODS[name] = factory
-
-
 def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], MethodResult]]:
-    """The registry: name -> ``method(dataset) -> MethodResult``."""
-    import jimray.bench.jimnet_method  # noqa: F401  (registers "Jim-Net (measured)")
-
+    """The registry: name -> ``method(dataset) -> MethodResult``: the classical methods, the common frame and
+    Jim-Net (measured; the pretrained variants only with ``options.jimnet_init``), then any method added with
+    :func:`jimray.bench.methods.register_method`."""
     step = f"{options.angular_step_degrees:g} deg"
     methods = {
         "true poses (ceiling)": true_pose_ceiling_method(options),
@@ -289,7 +229,13 @@ def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], Meth
         "PCA + k-means": pca_method("kmeans", options),
         "PCA + GMM": pca_method("gmm", options),
     }
-    extra = {name: factory(options) for name, factory in _EXTRA_METHODS.items()}
+    factories = {
+        jimnet_method.METHOD_NAME: jimnet_method.jimnet_method,
+        jimnet_method.PRETRAINED_NAME: jimnet_method.pretrained_method,
+        jimnet_method.MULTISTART_NAME: jimnet_method.pretrained_multistart_method,
+        **registered_methods(),
+    }
+    extra = {name: factory(options) for name, factory in factories.items()}
     methods.update({name: method for name, method in extra.items() if method is not None})
     return methods
 
@@ -390,7 +336,6 @@ def register(bench_app: typer.Typer) -> None:
                               jimnet_rounds=jimnet_rounds,
                               jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None,
                               jimnet_init=jimnet_init or None)
-        from jimray.bench.jimnet_method import add_speedups, markdown_notes
         from jimray.cli.errors import UserError
 
         try:
@@ -398,12 +343,12 @@ def register(bench_app: typer.Typer) -> None:
         except ValueError as exc:
             raise UserError(f"--structures: {exc}") from None
         only = [m.strip() for m in methods.split(",") if m.strip()] or None
-        rows = add_speedups(run_compare(opts, only, maps))
+        rows = jimnet_method.add_speedups(run_compare(opts, only, maps))
         note = (f"{len(maps)} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
                 f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
                 "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
                 "pair search). 'Jim-Net (paper)' rows are the paper's numbers, not measured here.\n\n")
-        md = note + markdown_notes(rows) + markdown_table(rows, COLUMNS)
+        md = note + jimnet_method.markdown_notes(rows) + markdown_table(rows, COLUMNS)
         command = "jimray bench compare " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "jimray bench compare"
         write_results(out, "compare", {"options": opts.__dict__, "rows": rows}, md, command)
         if benchmarks_json:

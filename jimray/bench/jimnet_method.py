@@ -1,6 +1,6 @@
 """Jim-Net, measured, as a method of ``jimray bench compare`` (issue 6).
 
-For one SNR level's :class:`~jimray.bench.compare.Dataset` the method
+For one SNR level's :class:`~jimray.bench.methods.Dataset` the method
 
 1. writes the subtomograms (with their truth) as Parquet shards in a temporary folder
    (:func:`jimray.io.simulated.write_simulated_dataset`) and trains Jim-Net on them with the real training
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jimray.bench.compare import CompareOptions, Dataset, MethodResult, register_method
+from jimray.bench.methods import CompareOptions, Dataset, MethodResult
 
 METHOD_NAME = "Jim-Net (measured)"
 PRETRAINED_NAME = "Jim-Net (measured, pretrained)"
@@ -109,7 +109,8 @@ def job_config(ds: Dataset, options: CompareOptions, data_path: Path, run_dir: P
 
 def _final_labels(run_dir: Path, n: int) -> np.ndarray:
     """Labels of the last round, indexed like the data set (its shard ids are ``0..n-1``)."""
-    from jimray.train.state import MODEL_DIR, load_round_state
+    from jimray.run_files import MODEL_DIR
+    from jimray.train.state import load_round_state
 
     state = load_round_state(run_dir / MODEL_DIR)
     if state.ids is None or len(state.ids) != n:
@@ -262,8 +263,3 @@ def pretrained_method(options: CompareOptions) -> Callable[[Dataset], MethodResu
 def pretrained_multistart_method(options: CompareOptions) -> Callable[[Dataset], MethodResult] | None:
     """The pretrained run's network aligning the pairs by multi-start from the 24 octahedral anchors."""
     return jimnet_method(options, options.jimnet_init, "octahedral") if options.jimnet_init else None
-
-
-register_method(METHOD_NAME, jimnet_method)
-register_method(PRETRAINED_NAME, pretrained_method)
-register_method(MULTISTART_NAME, pretrained_multistart_method)

@@ -21,6 +21,7 @@ import typer
 import yaml
 
 from jimray.bench.common import markdown_table, write_results
+from jimray.run_files import MODEL_DIR, RUN_CONFIG
 
 N_CLUSTERS = 6
 
@@ -40,9 +41,9 @@ def build_untrained_run(run_dir: Path, volumes: torch.Tensor, n_clusters: int, s
         embeddings = torch.cat([model.embed(chunk).double() for chunk in volumes.split(32)])
     pca = fit_pca(embeddings, config.gmm.pca_dims)
     gmm = GaussianMixture(n_clusters, reg_covar=config.gmm.reg_covar, random_state=seed).fit(pca.transform(embeddings))
-    save_round_state(run_dir / "model", RoundState(1, n_clusters, model.state_dict(), None, gmm.get_state(),
+    save_round_state(run_dir / MODEL_DIR, RoundState(1, n_clusters, model.state_dict(), None, gmm.get_state(),
                                                    pca.get_state(), config=config.model_dump(mode="json")))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def _simulate(folder: Path, per_class: int, box: int, seed: int) -> tuple[Path, torch.Tensor]:
@@ -103,7 +104,7 @@ def _passes(run_dir: Path, shards: Path, actors: int, batch_size: int, say) -> l
 
 
 def run(per_class: int, box: int, batch_size: int, actor_counts: list[int], seed: int, say) -> tuple[dict, str]:
-    from jimray.train.driver import init_ray
+    from jimray.ray_setup import init_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         shards, volumes = _simulate(Path(tmp) / "data", per_class, box, seed)

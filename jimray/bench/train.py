@@ -13,6 +13,7 @@ import typer
 
 from jimray.bench.common import markdown_table, write_results
 from jimray.config import load_job
+from jimray.run_files import METRICS_CSV
 
 PAPER_ACCURACY = {100.0: 100.0, 0.1: 99.7, 0.05: 96.1, 0.03: 85.5, 0.01: 48.1}
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -37,7 +38,7 @@ def measure_throughput(workers: int, per_class: int, out: Path, total_cpus: floa
         "gmm.n_components=6", f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus}"]
     config = load_job(_snr_job(0.1), overrides)
     run_training(config, command=["jimray", "bench", "train"])
-    row = pd.read_csv(out / "metrics.csv").iloc[-1]
+    row = pd.read_csv(out / METRICS_CSV).iloc[-1]
     n = int(row["n_subtomograms"])
     return {"workers": workers, "cpus_per_worker": cpus, "subtomograms": n,
             "embed_per_second": n / row["seconds_embed"], "train_pairs_per_second": row["pairs_per_second"],
@@ -50,7 +51,7 @@ def measure_accuracy(snr: float, per_class: int, rounds: int, epochs: int, out: 
 
     config = load_job(_snr_job(snr), _job_overrides(snr, per_class, rounds, epochs, out))
     run_training(config, command=["jimray", "bench", "train"])
-    frame = pd.read_csv(out / "metrics.csv")
+    frame = pd.read_csv(out / METRICS_CSV)
     return [{"snr": snr, "round": int(r["round"]), "K": int(r["n_clusters"]),
              "clustering_accuracy": 100.0 * float(r["clustering_accuracy"]),
              "paper_jimnet": PAPER_ACCURACY.get(snr, float("nan")), "loss_total": float(r["loss_total"]),
@@ -71,7 +72,7 @@ def bench_train(
 
     import ray
 
-    from jimray.train.driver import init_ray
+    from jimray.ray_setup import init_ray
 
     init_ray()
     total_cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))

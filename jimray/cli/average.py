@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         """Wedge-aware class averages with gold-standard FSC, written with a self-contained report.html."""
         from rich.progress import Progress
 
-        from jimray.io.averaging import average_particles
+        from jimray.average.run import average_particles
         from jimray.io.outdir import check_out_dir
 
         if not particles.is_file():

@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
         """Pick particles with a difference-of-Gaussian filter; one Ray task per tomogram (or z-slab)."""
         from jimray.data.pick import PickSettings
         from jimray.io.star import write_particles
-        from jimray.train.driver import init_ray
+        from jimray.ray_setup import init_ray
 
         stars = _star_names(tomograms, out)
         tomograms = _check_tomograms(tomograms, voxel_size, skip_bad)

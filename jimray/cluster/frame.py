@@ -50,7 +50,7 @@ class FrameOptions:
     alignment: ``angular_step_degrees`` grid over SO(3), shifts up to ``max_shift_voxels``, scores over
     frequencies up to ``lowpass_cycles_per_voxel``; ``mask_radius_fraction`` of the box edge; ``seed``."""
 
-    n_references: int = 30
+    n_references: int = 45
     members_per_reference: int = 15
     angular_step_degrees: float = 30.0
     lowpass_cycles_per_voxel: float = 0.25

@@ -223,22 +223,34 @@ class GaussianMixture:
             self.n_reseeded_ += 1
         log.info("GaussianMixture: re-seeded %d empty component(s) %s", len(dead), dead)
 
-    def _em_pass(self, X: torch.Tensor, p: _Params, reducer: Reducer) -> tuple[float, tuple[torch.Tensor, ...]]:
-        """One E-step over local rows: (global mean log-likelihood, reduced statistics about p.means)."""
-        k, d = p.means.shape
+    def _accumulate(self, X: torch.Tensor, k: int, chunk, reducer: Reducer):
+        """The one accumulation loop of the EM pieces: over cache-sized chunks ``[lo, hi)`` of the local rows,
+        ``chunk(lo, hi)`` gives (log-likelihood sum or None, responsibilities (m, K), differences (K, m, d)
+        about the shift of the statistics); returns the reduced (log-likelihood sum, (N_k, s1, s2))."""
+        d = X.shape[1]
         ll = torch.zeros((), dtype=self.dtype, device=X.device)
         nk = torch.zeros(k, dtype=self.dtype, device=X.device)
         s1 = torch.zeros((k, d), dtype=self.dtype, device=X.device)
         s2 = torch.zeros((k, d, d) if self.covariance_type == "full" else (k, d), dtype=self.dtype, device=X.device)
         for lo, hi in _chunks(X.shape[0], k, d):
-            wlp, diff = _weighted_log_prob(X[lo:hi], p)
-            norm = torch.logsumexp(wlp, dim=1)
-            ll += norm.sum()
-            a, b, c = _stats(torch.exp(wlp - norm[:, None]), diff, self.covariance_type)
+            chunk_ll, resp, diff = chunk(lo, hi)
+            if chunk_ll is not None:
+                ll += chunk_ll
+            a, b, c = _stats(resp, diff, self.covariance_type)
             nk += a
             s1 += b
             s2 += c
         return self._reduce_stats(ll, nk, s1, s2, reducer)
+
+    def _em_pass(self, X: torch.Tensor, p: _Params, reducer: Reducer) -> tuple[float, tuple[torch.Tensor, ...]]:
+        """One E-step over local rows: (global mean log-likelihood, reduced statistics about p.means)."""
+
+        def chunk(lo, hi):
+            wlp, diff = _weighted_log_prob(X[lo:hi], p)
+            norm = torch.logsumexp(wlp, dim=1)
+            return norm.sum(), torch.exp(wlp - norm[:, None]), diff
+
+        return self._accumulate(X, p.means.shape[0], chunk, reducer)
 
     def _reduce_stats(self, ll, nk, s1, s2, reducer: Reducer):
         flat = torch.cat([ll.reshape(1), nk, s1.flatten(), s2.flatten()])
@@ -251,20 +263,14 @@ class GaussianMixture:
 
     def _hard_init(self, X: torch.Tensor, centres: torch.Tensor, reducer: Reducer, n_total: float) -> _Params:
         """M-step from a hard assignment of every row to its nearest centre (stats about the centres)."""
-        k, d = centres.shape
-        zero = torch.zeros((), dtype=self.dtype, device=X.device)
-        nk = torch.zeros(k, dtype=self.dtype, device=X.device)
-        s1 = torch.zeros((k, d), dtype=self.dtype, device=X.device)
-        s2 = torch.zeros((k, d, d) if self.covariance_type == "full" else (k, d), dtype=self.dtype, device=X.device)
-        for lo, hi in _chunks(X.shape[0], k, d):
+        k = centres.shape[0]
+
+        def chunk(lo, hi):
             diff = X[lo:hi][None, :, :] - centres[:, None, :]
             labels = torch.argmin((diff * diff).sum(-1), dim=0)
-            resp = torch.nn.functional.one_hot(labels, k).to(self.dtype)
-            a, b, c = _stats(resp, diff, self.covariance_type)
-            nk += a
-            s1 += b
-            s2 += c
-        _, (nk, s1, s2) = self._reduce_stats(zero, nk, s1, s2, reducer)
+            return None, torch.nn.functional.one_hot(labels, k).to(self.dtype), diff
+
+        _, (nk, s1, s2) = self._accumulate(X, k, chunk, reducer)
         return self._m_step(nk, s1, s2, centres, n_total)
 
     def _random_init(self, X, generator, reducer, n_total) -> _Params:
@@ -273,18 +279,13 @@ class GaussianMixture:
         local_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + reducer.rank)
         mean = reducer.all_reduce_sum(X.sum(0)) / n_total
         shift = mean[None, :].expand(k, d)
-        zero = torch.zeros((), dtype=self.dtype, device=X.device)
-        nk = torch.zeros(k, dtype=self.dtype, device=X.device)
-        s1 = torch.zeros((k, d), dtype=self.dtype, device=X.device)
-        s2 = torch.zeros((k, d, d) if self.covariance_type == "full" else (k, d), dtype=self.dtype, device=X.device)
-        for lo, hi in _chunks(X.shape[0], k, d):
+
+        def chunk(lo, hi):
             resp = torch.rand((hi - lo, k), generator=local_gen, dtype=self.dtype).to(X.device)
             resp /= resp.sum(1, keepdim=True)
-            a, b, c = _stats(resp, X[lo:hi][None, :, :] - shift[:, None, :], self.covariance_type)
-            nk += a
-            s1 += b
-            s2 += c
-        _, (nk, s1, s2) = self._reduce_stats(zero, nk, s1, s2, reducer)
+            return None, resp, X[lo:hi][None, :, :] - shift[:, None, :]
+
+        _, (nk, s1, s2) = self._accumulate(X, k, chunk, reducer)
         return self._m_step(nk, s1, s2, shift, n_total)
 
     def _initialize(self, X, generator, reducer, n_total) -> _Params:

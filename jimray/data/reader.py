@@ -7,7 +7,10 @@ a RELION STAR file or a folder of ``.mrc`` / ``.mrcs`` files. Every output row h
 * ``volume`` float32 ``(d, h, w)``, ``tilt_range_degrees`` float32, ``voxel_size_angstrom`` float32,
 * the ground-truth columns of :data:`jimray.io.shards.TRUTH_COLUMNS` and ``image_name`` (string) when present.
 
-Nothing is materialised whole: Parquet is streamed by ``ray.data.read_parquet``; for STAR / MRC input a small
+Nothing is materialised whole: Parquet is streamed by ``ray.data.read_parquet`` (one block per shard; the raw
+``volume`` bytes of :mod:`jimray.io.shards` become a tensor column without a copy, :func:`decode_volume_bytes`,
+fused with the read; shards of the earlier ``fixed_shape_tensor`` layout are read as they are, and a folder
+that mixes both layouts is refused with a message to re-run ``jimray ingest``); for STAR / MRC input a small
 table of ``(id, file spec)`` rows is built with ``ray.data.from_items`` and the volumes are decoded in a
 ``map_batches`` step. Normalisation (zero mean, unit standard deviation per subtomogram) is another
 ``map_batches`` step, :func:`normalize_batch`.
@@ -35,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jimray.errors import DataError
-from jimray.io.shards import TRUTH_COLUMNS
+from jimray.io.shards import REWRITE_HINT, TRUTH_COLUMNS, binary_to_tensor, volume_shape
 
 __all__ = [
     "DEFAULT_TILT_RANGE_DEGREES",
@@ -44,6 +47,7 @@ __all__ = [
     "is_parquet_input",
     "normalize_batch",
     "decode_batch",
+    "decode_volume_bytes",
     "numeric_columns",
     "torch_batch_dtypes",
 ]
@@ -117,7 +121,14 @@ def _parquet_files(path: Path) -> list[Path]:
 
 def _check_parquet_schema(files: list[Path], box_size: int | None) -> list[str]:
     """Validate the volume shape of every shard from the Parquet metadata; returns the columns to read."""
+    return _parquet_layout(files, box_size)[0]
+
+
+def _parquet_layout(files: list[Path], box_size: int | None) -> tuple[list[str], tuple[int, int, int], str]:
+    """(columns to read, volume shape, layout ``"raw"`` / ``"tensor"``) of the shards, all checked from the
+    Parquet footers (:func:`jimray.io.shards.volume_shape`)."""
     shapes = {}
+    layouts = {}
     names: list[str] = []
     for f in files:
         try:
@@ -127,29 +138,44 @@ def _check_parquet_schema(files: list[Path], box_size: int | None) -> list[str]:
         missing = [c for c in BASE_COLUMNS if c not in schema.names]
         if missing:
             raise DataError(f"{f}: not a jimray shard (missing columns {missing}); convert data with `jimray ingest`")
-        vtype = schema.field("volume").type
-        shape = tuple(getattr(vtype, "shape", ()))
-        if len(shape) != 3:
-            raise DataError(f"{f}: volume column is not a 3-D fixed-shape tensor (type {vtype}); rewrite it with "
-                            "`jimray ingest`")
-        shapes[f] = shape
+        try:
+            shapes[f], layouts[f] = volume_shape(schema, f)
+        except ValueError as exc:
+            raise DataError(str(exc)) from exc
         names = schema.names
     distinct = set(shapes.values())
     if len(distinct) > 1:
         raise DataError(f"{files[0].parent}: shards hold different box sizes {sorted(distinct)}; keep one box size "
                         "per data set")
+    if len(set(layouts.values())) > 1:
+        old = next(f for f, layout in layouts.items() if layout == "tensor")
+        raise DataError(f"{files[0].parent}: mixes shards of this version with shards of the earlier volume layout "
+                        f"(e.g. {old.name}); {REWRITE_HINT}")
     shape = distinct.pop()
     if box_size is not None and shape != (box_size,) * 3:
         raise DataError(f"{files[0]}: volumes are {shape}, expected box size {box_size}; for `jimray train` pass "
                         f"--set data.box_size={shape[0]}")
-    return [c for c in names if c in BASE_COLUMNS or c in TRUTH_COLUMNS or c == "image_name"]
+    columns = [c for c in names if c in BASE_COLUMNS or c in TRUTH_COLUMNS or c == "image_name"]
+    return columns, shape, layouts[files[0]]
+
+
+def decode_volume_bytes(table: pa.Table, shape: tuple[int, int, int]) -> pa.Table:
+    """A ``pyarrow`` batch with ``volume`` as raw bytes (:mod:`jimray.io.shards`) -> the same batch with ``volume``
+    as a canonical ``fixed_shape_tensor`` over the same buffers (no copy; Ray Data hands it out as ndarrays)."""
+    index = table.schema.get_field_index("volume")
+    column = table.column(index)
+    if not pa.types.is_fixed_size_binary(column.type):
+        return table
+    chunks = [binary_to_tensor(chunk, shape) for chunk in column.chunks]
+    tensor = pa.chunked_array(chunks, type=pa.fixed_shape_tensor(pa.float32(), tuple(shape)))
+    return table.set_column(index, "volume", tensor)
 
 
 def _read_parquet(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees, override_num_blocks):
     import ray
 
     files = _parquet_files(path)
-    columns = _check_parquet_schema(files, box_size)
+    columns, shape, layout = _parquet_layout(files, box_size)
     # One path (the folder or the file), never a list: Ray 2.60 resolves a list of paths in threads, and with
     # fsspec installed but aiohttp missing those threads race on a failing import (ImportError on the driver).
     # The V1 Parquet datasource: V2 starts footer-reader actors on every pass (10-20 s on a busy 2-CPU machine).
@@ -157,10 +183,18 @@ def _read_parquet(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees,
     previous = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
-        ds = ray.data.read_parquet(str(path), columns=columns, override_num_blocks=override_num_blocks,
+        # One block per shard unless told otherwise: with Ray's default (>= 200 blocks) every read task splits its
+        # shard into small blocks, which prevents fusing the decode below with the read and makes iter_batches
+        # concatenate small blocks back into batches (two copies per volume).
+        blocks = override_num_blocks if override_num_blocks is not None else len(files)
+        ds = ray.data.read_parquet(str(path), columns=columns, override_num_blocks=blocks,
                                    file_extensions=["parquet"])
     finally:
         context.use_datasource_v2 = previous
+    if layout == "raw":
+        # One whole block per call, zero-copy: fused with the read task, so the object store gets tensor blocks.
+        ds = ds.map_batches(decode_volume_bytes, fn_args=(shape,), batch_format="pyarrow", batch_size=None,
+                            zero_copy_batch=True, udf_modifying_row_count=False)
     if tilt_range_degrees is not None:
         ds = ds.map_batches(_set_column, fn_args=("tilt_range_degrees", float(tilt_range_degrees)),
                             batch_format="numpy", udf_modifying_row_count=False)

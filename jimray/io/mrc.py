@@ -21,6 +21,7 @@ from jimray.errors import JimrayError
 __all__ = [
     "MRCError",
     "parse_spec",
+    "split_image_name",
     "read_volume",
     "read_header",
     "write_volume",
@@ -38,16 +39,23 @@ class MRCError(JimrayError):
         super().__init__(f"{self.path}: {reason}")
 
 
+def split_image_name(name: str | Path) -> tuple[str, str]:
+    """The one parser of RELION image names: ``"n@file.mrcs"`` -> ``("n@", "file.mrcs")`` (the stack prefix as
+    written), a plain path -> ``("", path)``. An ``@`` not preceded by digits only is part of the file name."""
+    text = str(name)
+    head, sep, tail = text.partition("@")
+    return (f"{head}@", tail) if sep and head.strip().isdigit() else ("", text)
+
+
 def parse_spec(path_or_spec: str | Path) -> tuple[Path, int | None]:
     """``"n@file.mrcs"`` -> ``(Path("file.mrcs"), n)`` (1-based); a plain path -> ``(path, None)``."""
-    text = str(path_or_spec)
-    head, sep, tail = text.partition("@")
-    if sep and head.strip().isdigit():
-        index = int(head)
+    prefix, file_part = split_image_name(path_or_spec)
+    if prefix:
+        index = int(prefix[:-1])
         if index < 1:
-            raise MRCError(tail, f"stack index must be >= 1 (RELION 'n@file' is 1-based), got {index}")
-        return Path(tail), index
-    return Path(text), None
+            raise MRCError(file_part, f"stack index must be >= 1 (RELION 'n@file' is 1-based), got {index}")
+        return Path(file_part), index
+    return Path(file_part), None
 
 
 def _voxel_size(mrc) -> float | None:

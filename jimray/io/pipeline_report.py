@@ -22,6 +22,7 @@ import pandas as pd
 
 from jimray.io.plots import SLICE_PLANES, central_slices
 from jimray.io.report import _STYLE, _pyplot, _save, _table, png_data_uri
+from jimray.run_files import METRICS_CSV, PREDICT_JSON
 
 __all__ = ["ClassRow", "PipelineSummary", "Truth", "pipeline_summary", "write_pipeline_report", "REPORT_NAME"]
 
@@ -78,7 +79,7 @@ def _read_fsc(average_dir: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 def _training_rounds(train_dir: Path) -> list[dict]:
     """Per-round K, accuracy (when known) and seconds from ``train/metrics.csv``."""
-    path = train_dir / "metrics.csv"
+    path = train_dir / METRICS_CSV
     if not path.is_file():
         return []
     rows = []
@@ -216,7 +217,7 @@ def pipeline_summary(root: Path, train_dir: Path, predict_dir: Path, average_dir
     from jimray.conventions import clustering_accuracy
     from jimray.io.mrc import read_volume
 
-    predicted = json.loads((predict_dir / "predict.json").read_text())
+    predicted = json.loads((predict_dir / PREDICT_JSON).read_text())
     classes, numbers = _class_numbers(average_dir, predict_dir)
     fsc = _read_fsc(average_dir)
     rounds = _training_rounds(train_dir)

@@ -3,21 +3,36 @@
 Columns
 -------
 * ``id`` int64, unique across a dataset (the row order of the source STAR file, or the simulation index).
-* ``volume``: float32 ``(d, h, w)`` = ``(z, y, x)`` stored as Arrow's *canonical* fixed-shape tensor extension
-  type ``pa.fixed_shape_tensor(pa.float32(), (d, h, w))``.
+* ``volume``: float32 ``(d, h, w)`` = ``(z, y, x)`` stored as raw bytes, one ``fixed_size_binary(4 d h w)`` value
+  per row: the C-order little-endian float32 bytes of the volume. Shape, dtype and axis order sit in the Parquet
+  schema metadata under ``jimray.volume`` (JSON, see :func:`volume_metadata`), e.g.
+  ``{"layout": "raw", "version": 2, "dtype": "<f4", "shape": [32, 32, 32], "axes": "zyx", "order": "C"}``.
+  Decoding is a copy: Parquet stores the values PLAIN, without repetition levels, so pyarrow only copies the
+  bytes out of the file; numpy then gets them without a copy (:func:`volumes_from_binary`: ``np.frombuffer`` on
+  the Arrow data buffer, reshaped). No statistics are written for this column (min/max of 128 KiB values would
+  only bloat the footer).
 * ``voxel_size_angstrom`` float32, ``source`` string (file, ``"n@file"`` or ``"simulated"``),
   ``tilt_range_degrees`` float32 (see :mod:`jimray.conventions`), ``tilt_axis`` string (``"y"``).
 * optional ground truth: ``true_class`` int32, ``true_rot/true_tilt/true_psi`` float32 (RELION ZYZ degrees),
   ``true_shift_x/y/z`` float32 (voxels, the internal shift ``t`` of :mod:`jimray.conventions`).
 * optional ``image_name`` string: the ``rlnImageName`` to carry into output STAR files.
 
+Earlier layout
+--------------
+Shards written before this layout (jimray <= issue 2) store ``volume`` as Arrow's canonical extension type
+``pa.fixed_shape_tensor(pa.float32(), (d, h, w))``, a Parquet list of floats with repetition levels: its
+decode made Ray Data streaming ~17x slower than a raw read of the same bytes (BENCHMARKS.md, issue 2).
+Such shards still read (:func:`read_shard` and :func:`jimray.data.reader.read_subtomograms` keep the old
+decode); re-run ``jimray ingest`` to rewrite them at disk speed. A ``volume`` column of any other type fails
+with one message saying so (:data:`REWRITE_HINT`).
+
 Ray Data
 --------
-Checked on Ray 2.60 / pyarrow 26: ``ray.data.read_parquet(...)`` (both the V1 and the V2 datasource) reads the
-canonical ``fixed_shape_tensor`` column natively; ``iter_batches(batch_format="numpy")`` yields ``volume`` as
-a float32 ndarray ``(b, d, h, w)`` and ``map_batches`` outputs come back as Ray's ``ArrowTensorTypeV2``. No
-conversion step is needed (``tests/test_io_shards.py`` checks this). Plain pyarrow/pandas readers see the
-extension type too; :func:`read_shard` turns it into numpy.
+``ray.data.read_parquet`` sees the raw layout as a binary column; :func:`jimray.data.reader.read_subtomograms`
+turns each block into a canonical ``fixed_shape_tensor`` column without copying (:func:`binary_to_tensor`,
+a ``map_batches`` step fused with the read), so ``iter_batches(batch_format="numpy")`` yields ``volume`` as a
+float32 ndarray ``(b, d, h, w)``. Read the shards through ``read_subtomograms`` (or :func:`read_shard`), not
+through a bare ``read_parquet``.
 
 Shards are written uncompressed, without dictionary encoding except for the string columns: subtomograms
 are noise-dominated floats, and pyarrow reads such shards faster than with the default snappy/dictionary
@@ -29,7 +44,9 @@ half-written shard under the final name.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,10 +62,91 @@ __all__ = [
     "read_shard",
     "list_shards",
     "volume_column",
+    "volume_metadata",
+    "volume_shape",
+    "volumes_from_binary",
+    "binary_to_tensor",
+    "volume_array",
+    "VOLUME_METADATA_KEY",
+    "REWRITE_HINT",
 ]
 
 TRUTH_COLUMNS = ("true_class", "true_rot", "true_tilt", "true_psi", "true_shift_x", "true_shift_y", "true_shift_z")
 TILT_AXIS = "y"
+
+VOLUME_METADATA_KEY = b"jimray.volume"
+VOLUME_LAYOUT_VERSION = 2
+VOLUME_DTYPE = np.dtype("<f4")
+REWRITE_HINT = "re-run `jimray ingest` (or `jimray simulate` / `jimray extract`) to rewrite the shards"
+
+
+def volume_metadata(shape: Sequence[int]) -> dict:
+    """The ``jimray.volume`` schema metadata of the raw layout for volumes of ``shape`` ``(d, h, w)``."""
+    return {"layout": "raw", "version": VOLUME_LAYOUT_VERSION, "dtype": VOLUME_DTYPE.str,
+            "shape": [int(s) for s in shape], "axes": "zyx", "order": "C"}
+
+
+def volume_shape(schema: pa.Schema, where: str | Path = "shard") -> tuple[tuple[int, int, int], str]:
+    """``((d, h, w), layout)`` of a shard's ``volume`` column, ``layout`` ``"raw"`` (this version) or ``"tensor"``
+    (the earlier ``fixed_shape_tensor`` layout). Anything else raises ``ValueError`` with :data:`REWRITE_HINT`."""
+    vtype = schema.field("volume").type
+    if pa.types.is_fixed_size_binary(vtype):
+        raw = (schema.metadata or {}).get(VOLUME_METADATA_KEY)
+        try:
+            meta = json.loads(raw) if raw is not None else None
+            shape = tuple(int(s) for s in meta["shape"])
+            ok = (meta.get("layout") == "raw" and meta.get("dtype") == VOLUME_DTYPE.str
+                  and meta.get("axes") == "zyx" and meta.get("order") == "C" and len(shape) == 3
+                  and min(shape) >= 1 and vtype.byte_width == VOLUME_DTYPE.itemsize * int(np.prod(shape)))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}: volume column of raw bytes without valid `jimray.volume` metadata "
+                             f"(found {raw!r}); {REWRITE_HINT}")
+        return shape, "raw"  # type: ignore[return-value]
+    shape = tuple(getattr(vtype, "shape", ()))
+    if getattr(vtype, "extension_name", None) == "arrow.fixed_shape_tensor" and len(shape) == 3:
+        return shape, "tensor"  # type: ignore[return-value]
+    raise ValueError(f"{where}: volume column of type {vtype} is not a jimray volume layout; {REWRITE_HINT}")
+
+
+def volume_array(volumes: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """``(n, d, h, w)`` float32 -> ``fixed_size_binary(4 d h w)`` over the same bytes (no copy when the input is
+    C-contiguous little-endian float32)."""
+    vols = np.ascontiguousarray(volumes, dtype=VOLUME_DTYPE)
+    n = vols.shape[0]
+    width = vols.itemsize * int(np.prod(vols.shape[1:]))
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(vols)])
+
+
+def _binary_data(array: pa.Array, shape: Sequence[int]) -> pa.Buffer:
+    if array.null_count:
+        raise ValueError(f"volume column holds {array.null_count} nulls; {REWRITE_HINT}")
+    width = array.type.byte_width
+    if width != VOLUME_DTYPE.itemsize * int(np.prod(shape)):
+        raise ValueError(f"volume values of {width} bytes do not hold float32 volumes of shape {tuple(shape)}")
+    data = array.buffers()[1]
+    if data is None:  # an empty chunk may come without a data buffer
+        return pa.py_buffer(b"")
+    return data.slice(array.offset * width, len(array) * width)
+
+
+def volumes_from_binary(array: pa.Array, shape: Sequence[int]) -> np.ndarray:
+    """A ``fixed_size_binary`` chunk -> float32 ``(n, d, h, w)``: a numpy view of the Arrow data buffer (no copy;
+    read-only when the buffer is, as for the buffers pyarrow reads from Parquet)."""
+    data = np.frombuffer(_binary_data(array, shape), dtype=VOLUME_DTYPE)
+    if sys.byteorder != "little":  # pragma: no cover - the stored bytes are little-endian
+        data = data.astype(np.float32)
+    return data.reshape((len(array), *shape))
+
+
+def binary_to_tensor(array: pa.Array, shape: Sequence[int]) -> pa.FixedShapeTensorArray:
+    """A ``fixed_size_binary`` chunk -> canonical ``fixed_shape_tensor(float32, shape)`` over the same buffer
+    (no copy): what Ray Data turns into ``(b, d, h, w)`` ndarrays."""
+    size = int(np.prod(shape))
+    values = pa.Array.from_buffers(pa.float32(), len(array) * size, [None, _binary_data(array, shape)])
+    storage = pa.FixedSizeListArray.from_arrays(values, size)
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), tuple(shape)), storage)
 
 
 def _per_row(value, n: int, name: str, dtype) -> np.ndarray:
@@ -130,7 +228,7 @@ def shard_table(
         raise ValueError("tilt_range_degrees must lie in [0, 90] (90 = no missing wedge)")
     columns = {
         "id": pa.array(id_arr.astype(np.int64), pa.int64()),
-        "volume": pa.FixedShapeTensorArray.from_numpy_ndarray(vols),
+        "volume": volume_array(vols),
         "voxel_size_angstrom": pa.array(voxel, pa.float32()),
         "source": pa.array(_strings(sources, n, "sources"), pa.string()),
         "tilt_range_degrees": pa.array(tilt, pa.float32()),
@@ -140,15 +238,20 @@ def shard_table(
         columns.update(_truth_columns(truth, n))
     if image_names is not None:
         columns["image_name"] = pa.array(_strings(image_names, n, "image_names"), pa.string())
-    return pa.table(columns)
+    table = pa.table(columns)
+    meta = {VOLUME_METADATA_KEY: json.dumps(volume_metadata(vols.shape[1:])).encode()}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         # Volumes are noise-dominated floats: compression and dictionaries cost time and save little.
+        # No min/max statistics for the volume bytes: two 128 KiB values per column chunk, for no use.
         string_columns = [f.name for f in table.schema if pa.types.is_string(f.type)]
-        pq.write_table(table, tmp, compression="none", use_dictionary=string_columns)
+        stats_columns = [f.name for f in table.schema if f.name != "volume"]
+        pq.write_table(table, tmp, compression="none", use_dictionary=string_columns,
+                       write_statistics=stats_columns)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -219,22 +322,38 @@ def write_shards(
     return paths
 
 
-def volume_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A ``volume`` column (canonical fixed-shape tensor, or Ray's tensor type) -> float32 ``(n, d, h, w)``."""
+def volume_column(column: pa.ChunkedArray | pa.Array, shape: Sequence[int] | None = None) -> np.ndarray:
+    """A ``volume`` column -> float32 ``(n, d, h, w)``.
+
+    The raw layout (``fixed_size_binary``, needs ``shape`` from :func:`volume_shape`) is a zero-copy
+    view when the column is one chunk (``.copy()`` it to write into it); several chunks are concatenated.
+    The earlier ``fixed_shape_tensor`` layout and Ray's tensor types are decoded as before.
+    """
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
     for chunk in chunks:
-        if isinstance(chunk, pa.FixedShapeTensorArray):
+        if pa.types.is_fixed_size_binary(chunk.type):
+            if shape is None:
+                raise ValueError("a raw-bytes volume column needs its shape (the `jimray.volume` schema metadata)")
+            parts.append(volumes_from_binary(chunk, shape))
+        elif isinstance(chunk, pa.FixedShapeTensorArray):
             parts.append(chunk.to_numpy_ndarray())
         elif hasattr(chunk, "to_numpy"):
             parts.append(np.asarray(chunk.to_numpy(zero_copy_only=False)))
     if not parts:
         raise ValueError("empty volume column")
+    if len(parts) == 1:
+        return parts[0].astype(np.float32, copy=False)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
 def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Read a shard into numpy: ``volume`` float32 ``(n, d, h, w)``, other columns ``(n,)`` (strings as object)."""
+    """Read a shard into numpy: ``volume`` float32 ``(n, d, h, w)``, other columns ``(n,)`` (strings as object).
+
+    ``volume`` of the raw layout is a read-only view of the Arrow buffer (no decode beyond reading the bytes).
+    Shards of the earlier ``fixed_shape_tensor`` layout still read; any other ``volume`` type raises
+    ``ValueError`` with :data:`REWRITE_HINT`.
+    """
     path = Path(path)
     try:
         table = pq.read_table(path, columns=list(columns) if columns is not None else None)
@@ -244,7 +363,8 @@ def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> dict[s
     for name in table.column_names:
         column = table.column(name)
         if name == "volume":
-            out[name] = volume_column(column)
+            shape, _ = volume_shape(table.schema, path)
+            out[name] = volume_column(column, shape)
         else:
             out[name] = column.to_numpy()
     return out

@@ -23,6 +23,7 @@ from jimray.conventions import (
     shift_to_origin_angstrom,
 )
 from jimray.errors import JimrayError
+from jimray.io.mrc import split_image_name
 
 __all__ = [
     "StarError",
@@ -201,9 +202,7 @@ def pose_columns(rotations: np.ndarray, shifts_voxels: np.ndarray, voxel_size_an
 def resolve_image_path(image_name: str, star_path: str | Path) -> str:
     """RELION ``rlnImageName`` -> a path (or ``"n@path"``) usable from anywhere: relative paths are taken
     relative to the STAR file's folder; the ``n@`` stack index is kept."""
-    text = str(image_name).strip()
-    head, sep, tail = text.partition("@")
-    prefix, file_part = (f"{head}@", tail) if sep and head.isdigit() else ("", text)
+    prefix, file_part = split_image_name(str(image_name).strip())
     file_path = Path(file_part)
     if not file_path.is_absolute():
         file_path = Path(star_path).resolve().parent / file_path
@@ -216,8 +215,7 @@ def relative_image_names(specs: list[str], out_dir: str | Path) -> list[str]:
     base = Path(out_dir).resolve()
     names = []
     for spec in specs:
-        head, sep, tail = str(spec).partition("@")
-        prefix, file_part = (f"{head}@", tail) if sep and head.isdigit() else ("", str(spec))
+        prefix, file_part = split_image_name(spec)
         names.append(f"{prefix}{os.path.relpath(Path(file_part).resolve(), base)}")
     return names
 

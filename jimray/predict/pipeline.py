@@ -12,7 +12,7 @@ Passes over the data (each streams through a fixed pool of actors that load the 
 Output folder: ``particles.star`` (RELION 3.1: rlnImageName, rlnClassNumber (1-based),
 rlnMaxValueProbDistribution, rlnAngleRot/Tilt/Psi, rlnOriginX/Y/ZAngst), ``class_NNN.mrc`` (the references the
 poses were measured against) and ``predict.json`` (a summary). When the particles' image files can be read and
-``average`` is on, the averaging pipeline (:func:`jimray.io.averaging.average_particles`, no re-refinement:
+``average`` is on, the averaging pipeline (:func:`jimray.average.run.average_particles`, no re-refinement:
 our poses as they are) adds gold-standard half maps, ``fsc.csv``, plots and ``report.html``; it rewrites
 ``class_NNN.mrc`` as the merged map of both halves under the final poses and ``particles.star`` with
 ``rlnRandomSubset`` added.
@@ -31,14 +31,15 @@ import numpy as np
 import pandas as pd
 
 from jimray.conventions import clustering_accuracy, euler_to_matrix
+from jimray.io.mrc import split_image_name
 from jimray.predict.predictors import POSE_COLUMNS, ClusterPredictor, LabelTable, PosePredictor, map_with_actors
 from jimray.predict.run import load_trained_run
 from jimray.predict.templates import INITIAL_TEMPLATES, estimate_references
+from jimray.run_files import PREDICT_JSON
 
 __all__ = ["PredictSummary", "predict", "cluster_table", "predict_poses", "star_table"]
 
 STAR_NAME = "particles.star"
-SUMMARY_NAME = "predict.json"
 
 
 @dataclass
@@ -89,24 +90,19 @@ def _image_bases(data: Path) -> list[Path]:
     return [data.parent] if data.suffix == ".star" else [data.parent, data.parent.parent]
 
 
-def _split_spec(name: str) -> tuple[str, str]:
-    head, sep, tail = name.partition("@")
-    return (f"{head}@", tail) if sep and head.isdigit() else ("", name)
-
-
 def _output_image_names(df: pd.DataFrame, data: Path, out_dir: Path) -> tuple[list[str], bool]:
     """rlnImageName for the output STAR (relative names rewritten to resolve from ``out_dir``) and whether every
     file exists. Without an ``image_name`` column: ``"<id>@<data path>"`` (not readable as images)."""
     if "image_name" not in df.columns:
         return [f"{int(i)}@{data.resolve()}" for i in df["id"]], False
     names = [str(n) for n in df["image_name"]]
-    prefix, first = _split_spec(names[0])
+    prefix, first = split_image_name(names[0])
     base = next((b for b in _image_bases(data.resolve()) if (b / first).exists()), None)
     if base is None and not Path(first).is_absolute():
         return names, False
     out, files = [], set()
     for name in names:
-        prefix, file_part = _split_spec(name)
+        prefix, file_part = split_image_name(name)
         path = Path(file_part) if Path(file_part).is_absolute() else base / file_part
         files.add(path)
         out.append(f"{prefix}{os.path.relpath(path, out_dir.resolve())}")
@@ -140,7 +136,7 @@ def _run_averaging(star: Path, out: Path, readable: bool, enabled: bool, tilt: f
     if not readable:
         return False, "skipped: the input has no readable image files (rlnImageName); run `jimray average` on a STAR"
     try:
-        from jimray.io.averaging import average_particles
+        from jimray.average.run import average_particles
     except ImportError as exc:
         return False, f"skipped: averaging pipeline not importable ({exc})"
     average_particles(star, out, refine=False, tilt_range_degrees=tilt)
@@ -172,7 +168,7 @@ def predict(
     from jimray.data.reader import read_subtomograms
     from jimray.io.mrc import write_volume
     from jimray.io.star import write_particles
-    from jimray.train.driver import init_ray
+    from jimray.ray_setup import init_ray
 
     started, say = time.perf_counter(), progress or (lambda _message: None)
     data, out = Path(data), Path(out_dir)
@@ -253,4 +249,4 @@ def _write_summary(summary: PredictSummary, run_dir, data) -> None:
               "averaging_note": summary.averaging_note, "cluster_rule": summary.rule,
               "seconds": round(summary.seconds, 3),
               "references": [p.name for p in summary.reference_paths]}
-    (summary.out_dir / SUMMARY_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (summary.out_dir / PREDICT_JSON).write_text(json.dumps(record, indent=2, default=str) + "\n")

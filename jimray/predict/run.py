@@ -30,12 +30,10 @@ from jimray.config import ConfigError, JobConfig, load_job
 from jimray.conventions import invert_pose
 from jimray.errors import JimrayError
 from jimray.model.jimnet import JimNet
+from jimray.run_files import MODEL_DIR, RUN_CONFIG, STATE_FILE
 from jimray.train.frame_step import FrameRound
-from jimray.train.state import MODEL_DIR
 
-__all__ = ["RunError", "TrainedRun", "load_trained_run", "CONFIG_FILE", "MODEL_DIR"]
-
-CONFIG_FILE = "config.yaml"
+__all__ = ["RunError", "TrainedRun", "load_trained_run"]
 
 
 class RunError(JimrayError):
@@ -139,7 +137,7 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str | None = No
     Raises :class:`RunError` (one line naming the path and the fix) when the folder, its model or its config
     is missing or unusable.
     """
-    from jimray.train.state import STATE_FILE, load_round_state
+    from jimray.train.state import load_round_state
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -157,12 +155,12 @@ def load_trained_run(run_dir: str | Path, device: torch.device | str | None = No
         return _build(config, state.n_clusters, state.model_state, state.gmm_state, state.pca_state, device, run,
                       state.frame_state)
     except RuntimeError as exc:  # load_state_dict: the config does not describe the saved network
-        raise RunError(f"{model_dir / STATE_FILE}: the weights do not match the model in {run / CONFIG_FILE} "
+        raise RunError(f"{model_dir / STATE_FILE}: the weights do not match the model in {run / RUN_CONFIG} "
                        f"({str(exc).splitlines()[0]}); restore the run's original config.yaml") from None
 
 
 def _load_config(run: Path, checkpoint_config: dict | None) -> JobConfig:
-    path = run / CONFIG_FILE
+    path = run / RUN_CONFIG
     if path.is_file():
         try:
             return load_job(path)

@@ -62,13 +62,6 @@ def _means_from_labels(z: torch.Tensor, labels: np.ndarray, k: int, reducer: Red
     return stats[:, :-1] / counts
 
 
-def reorder_to(gmm: GaussianMixture, lut: np.ndarray) -> None:
-    """Reorder components so that component ``lut[j]`` is the old component ``j`` (labels follow ``lut``)."""
-    order = np.empty(len(lut), dtype=np.int64)
-    order[lut] = np.arange(len(lut))
-    gmm.reorder_components(order)
-
-
 def cluster_embeddings(
     embeddings: torch.Tensor,
     config: GMMConfig,

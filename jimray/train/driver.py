@@ -23,13 +23,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from jimray.config import ConfigError, JobConfig
 from jimray.data.reader import is_parquet_input, read_subtomograms
+from jimray.ray_setup import init_ray, quiet_data_progress
+from jimray.run_files import CHECKPOINTS_DIR, MODEL_DIR, SUMMARY_JSON
 from jimray.train.loop import FAULT_ENV, train_loop_per_worker
 from jimray.train.records import write_metrics, write_run_info
 from jimray.train.rundir import prepare_run, write_data_record
 from jimray.train.sampler import PairSamplerActor
-from jimray.train.state import MODEL_DIR, load_round_state
-
-CHECKPOINTS = "checkpoints"
+from jimray.train.state import load_round_state
 
 
 class EveryRowDataConfig(DataConfig):
@@ -52,18 +52,6 @@ class EveryRowDataConfig(DataConfig):
         return output
 
 
-def init_ray(log_to_driver: bool = True) -> None:
-    """Connect to the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one.
-    ``log_to_driver=False`` keeps the workers' output (and Ray's log deduplication notices) off this terminal;
-    it stays in Ray's session logs (``/tmp/ray/session_latest/logs``)."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver)  # an existing cluster: never pass resource arguments
-    else:
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=log_to_driver)
-
-
 def prepare_data(config: JobConfig, run_dir: Path) -> Path:
     """The job's data path; with none, simulate the embedded six-structure set once into ``run_dir/data``."""
     if config.data.path is not None:
@@ -81,13 +69,6 @@ def prepare_data(config: JobConfig, run_dir: Path) -> Path:
     write_simulated_dataset(out, sim, voxel, d.tilt_range_degrees, names,
                             metadata={"snr": d.simulate_snr, "seed": d.simulate_seed})
     return shards
-
-
-def quiet_data_progress() -> None:
-    """Training prints one line per round; Ray Data's per-epoch bars inside the workers would drown it."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 def build_dataset(config: JobConfig, data_path: Path, skip: set[str] | frozenset[str] = frozenset()):
@@ -113,7 +94,7 @@ def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> To
                            "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=CHECKPOINTS,
+            name=CHECKPOINTS_DIR,
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=3),
@@ -206,4 +187,4 @@ def finish_run(run_dir: Path, checkpoint) -> dict:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(directory, target)
     write_metrics(run_dir, state.history)
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / SUMMARY_JSON).read_text())

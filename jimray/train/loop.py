@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Join
 
+from jimray.cluster import labels as matching
 from jimray.cluster.reduce import LocalReducer, TorchDistributedReducer
 from jimray.config import JobConfig
 from jimray.model.jimnet import JimNet
 from jimray.model.losses import jimnet_loss
 from jimray.train import rounds
-from jimray.train.clustering import ClusterState, cluster_embeddings, reorder_to
+from jimray.train.clustering import ClusterState, cluster_embeddings
 from jimray.train.frame_step import FrameRound, frame_step
 from jimray.train.pretrain import load_pretrained_weights
 from jimray.train.state import RoundState, load_pretrained, load_round_state, save_round_state
@@ -158,10 +159,10 @@ def _round_metrics(ctx, local, labels, cluster: ClusterState, changed: float, lo
         "seconds": seconds,
         **losses,
     }
-    has_truth = rounds.global_max(0.0 if local.truth is None else 1.0, ctx.reducer) > 0
+    has_truth = matching.global_max(0.0 if local.truth is None else 1.0, ctx.reducer) > 0
     if has_truth:
         truth = local.truth if local.truth is not None else np.zeros(0, np.int64)
-        metrics["clustering_accuracy"] = rounds.global_accuracy(truth, labels, cluster.n_clusters, ctx.reducer)
+        metrics["clustering_accuracy"] = matching.global_accuracy(truth, labels, cluster.n_clusters, ctx.reducer)
     return metrics
 
 
@@ -285,8 +286,8 @@ def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterSta
     previous = _previous_labels(ctx, local.ids, first_round=cluster_prev is None)
     prev_k = None if cluster_prev is None else cluster_prev.n_clusters
     cluster = cluster_embeddings(local.embeddings, config.gmm, ctx.reducer, previous, prev_k)
-    labels, changed, lut = rounds.relabel_to_previous(cluster.labels, previous, cluster.n_clusters, ctx.reducer)
-    reorder_to(cluster.gmm, lut)
+    labels, changed, lut = matching.relabel_to_previous(cluster.labels, previous, cluster.n_clusters, ctx.reducer)
+    matching.reorder_to(cluster.gmm, lut)
     cluster = cluster.with_labels(labels)
     _fill_sampler(ctx, local, labels, round_index)
     seconds["seconds_cluster"] = lap()

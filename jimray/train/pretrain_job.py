@@ -17,11 +17,11 @@ import torch
 from jimray import __version__
 from jimray.config import ConfigError, JobConfig
 from jimray.model import JimNet, parameter_count
+from jimray.run_files import PRETRAIN_CHECKPOINT_FILE, PRETRAIN_JSON, PRETRAINED_FILE
 from jimray.train.pretrain import PairTraining, train_on_pairs
 from jimray.train.records import write_run_info
-from jimray.train.state import PRETRAIN_CHECKPOINT_FILE, PRETRAINED_FILE, Pretrained, save_pretrained
+from jimray.train.state import Pretrained, save_pretrained
 
-PRETRAIN_JSON = "pretrain.json"
 PRETRAIN_PNG = "pretrain_curve.png"
 
 

@@ -11,22 +11,19 @@ import yaml
 
 from jimray import __version__
 from jimray.config import JobConfig
-
-METRICS_CSV = "metrics.csv"
-SUMMARY_JSON = "summary.json"
-METRICS_PNG = "metrics.png"
+from jimray.run_files import METRICS_CSV, METRICS_PNG, RUN_CONFIG, RUN_INFO, SUMMARY_JSON
 
 
 def write_run_info(run_dir: Path, config: JobConfig, command: list[str] | None = None) -> None:
     """Save the resolved config (``config.yaml``) and ``run.json`` (version, command, date)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     info = {
         "jimray_version": __version__,
         "command": " ".join(command if command is not None else sys.argv),
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    runs = run_dir / "run.json"
+    runs = run_dir / RUN_INFO
     previous = json.loads(runs.read_text()) if runs.is_file() else []
     previous = previous if isinstance(previous, list) else [previous]
     runs.write_text(json.dumps([*previous, info], indent=2))

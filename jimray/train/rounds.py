@@ -3,7 +3,8 @@
 (a) :func:`embed_shard`: ``F(x, x)`` for every subtomogram of this worker's shard, keyed by id, plus a
     uniform reservoir of this worker's volumes (candidate targets);
 (b) :func:`cluster_embeddings`: PCA + GMM fitted on all workers' embeddings through all-reduced sufficient
-    statistics (nothing gathered but a bounded seeding sample), labels matched to last round's;
+    statistics (nothing gathered but a bounded seeding sample), labels matched to last round's
+    (:func:`jimray.cluster.labels.relabel_to_previous`);
 (c) the sampler actor receives (id, label) for every subtomogram and per-cluster target reservoirs;
 (d) :func:`train_pass`: same-cluster (source, target) batches, loss of eq. 7, DDP steps.
 
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from jimray.cluster.reduce import Reducer
 
@@ -123,59 +123,6 @@ def _collect_shard(batches, reservoir_capacity: int, seed: int) -> LocalEmbeddin
     )
 
 
-def global_contingency(a: np.ndarray, b: np.ndarray, size_a: int, size_b: int, reducer: Reducer) -> np.ndarray:
-    """Counts ``(size_a, size_b)`` of label pairs over all workers (local bincount, then all-reduce)."""
-    local = np.zeros((size_a, size_b), dtype=np.float64)
-    np.add.at(local, (a, b), 1.0)
-    return reducer.all_reduce_sum(torch.from_numpy(local)).numpy()
-
-
-def matching_from_counts(counts: np.ndarray) -> dict[int, int]:
-    """Hungarian matching of rows (new labels) to columns (old labels) maximising agreement; needs at least as
-    many columns as rows, so every new label gets a partner."""
-    if counts.shape[1] < counts.shape[0]:
-        raise ValueError(f"need columns >= rows to match every new label, got counts of shape {counts.shape}")
-    rows, cols = linear_sum_assignment(-counts)
-    return {int(r): int(c) for r, c in zip(rows, cols, strict=True)}
-
-
-def global_max(value: float, reducer: Reducer) -> float:
-    """Maximum of a scalar over all workers (each rank fills its own slot, then a sum)."""
-    slots = torch.zeros(reducer.world_size, dtype=torch.float64)
-    slots[reducer.rank] = float(value)
-    return float(reducer.all_reduce_sum(slots).max().item())
-
-
-def relabel_to_previous(
-    labels: np.ndarray, previous: np.ndarray | None, n_clusters: int, reducer: Reducer
-) -> tuple[np.ndarray, float, np.ndarray]:
-    """Match this round's labels to last round's (global Hungarian on all-reduced counts) so cluster ``k``
-    keeps its meaning; returns new labels in ``0..K-1``, the global fraction of labels that changed, and
-    the lookup table ``lut`` (new = lut[old]). ``previous``: last round's label of each local id."""
-    identity = np.arange(n_clusters, dtype=np.int64)
-    if previous is None:
-        return labels, 1.0, identity
-    size = max(n_clusters, int(global_max(previous.max(initial=-1) + 1, reducer)))
-    counts = global_contingency(labels, previous, n_clusters, size, reducer)
-    mapping = matching_from_counts(counts)
-    targets = sorted(set(mapping.values()))
-    if max(targets) >= n_clusters:  # K shrank: compact the matched labels into 0..K-1, keeping order
-        rank = {t: i for i, t in enumerate(targets)}
-        mapping = {k: rank[v] for k, v in mapping.items()}
-    lut = np.array([mapping[k] for k in range(n_clusters)], dtype=np.int64)
-    new = lut[labels]
-    changed = reducer.all_reduce_sum(torch.tensor([float((new != previous).sum()), float(len(new))]))
-    return new, float(changed[0] / max(changed[1], 1.0)), lut
-
-
 def global_cluster_sizes(labels: np.ndarray, n_clusters: int, reducer: Reducer) -> list[int]:
     local = torch.from_numpy(np.bincount(labels, minlength=n_clusters).astype(np.float64))
     return [int(x) for x in reducer.all_reduce_sum(local).tolist()]
-
-
-def global_accuracy(truth: np.ndarray, labels: np.ndarray, n_clusters: int, reducer: Reducer) -> float:
-    """The paper's clustering accuracy (Hungarian), from contingency counts summed over workers."""
-    n_true = int(global_max(truth.max(initial=-1) + 1, reducer))
-    counts = global_contingency(labels, truth, n_clusters, max(n_true, 1), reducer)
-    rows, cols = linear_sum_assignment(-counts)
-    return float(counts[rows, cols].sum() / max(counts.sum(), 1.0))

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from jimray.config import ConfigError, JobConfig, load_job
 from jimray.errors import RunDirError
+from jimray.run_files import RUN_CONFIG, RUN_DATA
 
-__all__ = ["CONFIG_FILE", "DATA_FILE", "RESUMABLE", "check_rerun", "config_differences", "data_record",
+__all__ = ["RESUMABLE", "check_rerun", "config_differences", "data_record",
            "fresh_run_dir", "write_data_record"]
 
-CONFIG_FILE = "config.yaml"  # run_dir/config.yaml: the resolved job (jimray.train.records.write_run_info)
-DATA_FILE = "data.json"  # run_dir/data.json: what the run was trained on
 RESUMABLE = ("name", "train.rounds", "scaling.", "output.", "pipeline", "pretrain.")
 
 
@@ -56,7 +55,7 @@ def config_differences(old: JobConfig, new: JobConfig) -> list[str]:
 
 def data_record(path: Path | None, specs: list[str] | None = None, names: list[str] | None = None,
                 skipped: set[str] | None = None) -> dict | None:
-    """What :data:`DATA_FILE` stores for ``path``: STAR / MRC input (``specs``, ``names``) or Parquet shards."""
+    """What :data:`RUN_DATA` stores for ``path``: STAR / MRC input (``specs``, ``names``) or Parquet shards."""
     if path is None:
         return None
     digest = hashlib.sha1()
@@ -88,15 +87,15 @@ def fresh_run_dir(run_dir: Path) -> Path:
 
 def _how_to(run_dir: Path) -> str:
     return (f"start a new run with --out NEW_DIR (or --force: a new run in {fresh_run_dir(run_dir)}), or resume this "
-            f"one with its own job: `jimray train {run_dir / CONFIG_FILE}`")
+            f"one with its own job: `jimray train {run_dir / RUN_CONFIG}`")
 
 
 def check_rerun(run_dir: Path, config: JobConfig, data: dict | None) -> None:
     """Refuse (``RunDirError``) when ``run_dir`` holds a run whose job or data differ from ``config`` / ``data``."""
-    old_config = run_dir / CONFIG_FILE
+    old_config = run_dir / RUN_CONFIG
     if not old_config.is_file():
         if run_dir.is_dir() and any(run_dir.iterdir()):
-            raise RunDirError(f"{run_dir}: a non-empty folder that is not a jimray run (no {CONFIG_FILE}); pass "
+            raise RunDirError(f"{run_dir}: a non-empty folder that is not a jimray run (no {RUN_CONFIG}); pass "
                               "--out NEW_DIR (a new or empty folder)")
         return
     try:
@@ -108,7 +107,7 @@ def check_rerun(run_dir: Path, config: JobConfig, data: dict | None) -> None:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise RunDirError(f"{run_dir} holds a run with another job ({shown}): rerunning would damage it; "
                           f"{_how_to(run_dir)}")
-    record = run_dir / DATA_FILE
+    record = run_dir / RUN_DATA
     if data is not None and record.is_file():
         before = json.loads(record.read_text())
         if before.get("fingerprint") != data["fingerprint"]:
@@ -119,7 +118,7 @@ def check_rerun(run_dir: Path, config: JobConfig, data: dict | None) -> None:
 
 def write_data_record(run_dir: Path, data: dict | None) -> None:
     if data is not None:
-        (run_dir / DATA_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        (run_dir / RUN_DATA).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def check_training_data(config: JobConfig, skip_bad: bool = False, warn=None) -> tuple[set[str], dict | None]:

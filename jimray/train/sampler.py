@@ -147,6 +147,8 @@ class PairSampler:
             raise ValueError(f"tilts must be (n,) with n = {len(ids)} ids, got shape {tilts.shape}")
         if volumes.ndim != 4 or volumes.shape[0] != len(ids):
             raise ValueError(f"volumes must be (n, d, h, w) with n = {len(ids)} ids, got shape {volumes.shape}")
+        if len(ids) == 0:  # a worker without rows this round (its placeholder has no box to check)
+            return
         if self._vol_shape is None:
             self._vol_shape = volumes.shape[1:]
         elif volumes.shape[1:] != self._vol_shape:

@@ -14,10 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODEL_DIR = "model"  # run_dir/model: the last round's checkpoint, which `jimray predict` loads
-STATE_FILE = "state.pt"
-LABELS_FILE = "labels.npz"
-CONFIG_FILE = "config.json"
+from jimray.run_files import CHECKPOINT_CONFIG, LABELS_FILE, PRETRAINED_FILE, STATE_FILE
 
 
 @dataclass
@@ -55,7 +52,7 @@ def save_round_state(directory: str | Path, state: RoundState) -> Path:
     if state.ids is not None:
         np.savez_compressed(out / LABELS_FILE, ids=state.ids, labels=state.labels)
     if state.config is not None:
-        (out / CONFIG_FILE).write_text(json.dumps(state.config, indent=2))
+        (out / CHECKPOINT_CONFIG).write_text(json.dumps(state.config, indent=2))
     return out
 
 
@@ -69,12 +66,8 @@ def load_round_state(directory: str | Path) -> RoundState:
     if (path / LABELS_FILE).is_file():
         with np.load(path / LABELS_FILE) as data:
             ids, labels = data["ids"], data["labels"]
-    config = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else None
+    config = json.loads((path / CHECKPOINT_CONFIG).read_text()) if (path / CHECKPOINT_CONFIG).is_file() else None
     return RoundState(ids=ids, labels=labels, config=config, **payload)
-
-
-PRETRAINED_FILE = "pretrained.pt"
-PRETRAIN_CHECKPOINT_FILE = "pretrain_checkpoint.pt"
 
 
 @dataclass

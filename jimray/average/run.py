@@ -1,6 +1,6 @@
 """``jimray average`` as a library call: STAR + MRC subtomograms in, class averages, half maps, FSC and an
-HTML report out. Edge layer (reads and writes files); the maths is in :mod:`jimray.average` and
-:mod:`jimray.fourier.fsc`.
+HTML report out. The orchestration of averaging (reads and writes files through :mod:`jimray.io`); the maths
+is in :mod:`jimray.average.refine`, :mod:`jimray.average.wedge_average` and :mod:`jimray.fourier.fsc`.
 
 Output folder::
 
@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from jimray.average.refine import Aligner, classical_aligner, gold_standard_refine, local_aligner
+from jimray.data.reader import normalize_batch
 from jimray.errors import JimrayError
 from jimray.fourier.fsc import resolution_at, shell_frequencies_per_angstrom
 from jimray.io.mrc import read_volume, write_volume
@@ -121,7 +122,8 @@ def _check_volumes(specs: list[str], table, star_path: Path, skip_bad: bool, war
 
 def load_class_particles(specs: list[str], normalize: bool = True) -> torch.Tensor:
     """Read subtomograms (paths or ``n@stack``) into ``(n, d, h, w)`` float32; with ``normalize`` each is set
-    to zero mean and unit standard deviation (subtomograms from different tomograms differ in contrast).
+    to zero mean and unit standard deviation (subtomograms from different tomograms differ in contrast) by the
+    normalisation of training, :func:`jimray.data.reader.normalize_batch`.
     A volume of another box than the first, or with non-finite or constant values, raises
     :class:`AveragingError` naming its file."""
     from jimray.io.validate import value_problem
@@ -136,12 +138,10 @@ def load_class_particles(specs: list[str], normalize: bool = True) -> torch.Tens
         if reason is not None:
             raise AveragingError(f"{spec}: {reason}; re-extract or replace it, or pass --skip-bad to leave it out")
         volumes.append(volume)
-    stack = torch.from_numpy(np.stack(volumes))
+    stack = np.stack(volumes)
     if normalize:
-        mean = stack.mean(dim=(-3, -2, -1), keepdim=True)
-        std = stack.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-12)
-        stack = (stack - mean) / std
-    return stack
+        stack = normalize_batch({"volume": stack})["volume"]
+    return torch.from_numpy(stack)
 
 
 def _halves_from_star(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray | None:
