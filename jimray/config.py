@@ -74,7 +74,8 @@ class ModelConfig(_Strict):
 class GMMConfig(_Strict):
     """Gaussian mixture fitted each round on the embeddings."""
 
-    n_components: int | None = Field(None, ge=1, description="K; None = choose by BIC over candidates")
+    n_components: int | None = Field(None, ge=1, description="K; None = choose among candidates (held-out "
+                                     "likelihood of the consensus; BIC when consensus_dims is null)")
     candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 10])
     covariance_type: Literal["full", "diag"] = "full"
     reg_covar: float = Field(1e-4, gt=0)

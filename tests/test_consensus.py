@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from sklearn.datasets import make_blobs
 
-from jimray.cluster.consensus import consensus_kmeans, consensus_mixture, ensemble_labels
+from jimray.cluster.consensus import consensus_kmeans, consensus_mixture, ensemble_labels, select_k
 from jimray.cluster.gmm import GaussianMixture
 from jimray.cluster.reduce import LocalReducer, TorchDistributedReducer
 from jimray.config import GMMConfig
@@ -104,3 +104,38 @@ def test_distributed_consensus_equals_single_process(tmp_path):
     np.testing.assert_array_equal(np.concatenate([r0["labels"], r1["labels"]]), labels)
     assert torch.equal(r0["means"], r1["means"])
     torch.testing.assert_close(r0["means"], gmm.means_, rtol=1e-6, atol=1e-8)
+
+
+def test_select_k_by_held_out_likelihood_finds_the_blobs():
+    x, _ = _blobs(n=400, k=5, std=1.5, seed=11)
+    k, table = select_k(x, [2, 3, 5, 8], dims=(2, 4, 8), n_seeds=1)
+    assert k == 5 and [row["k"] for row in table] == [2, 3, 5, 8]
+    assert max(table, key=lambda r: r["heldout_loglik"])["k"] == 5
+    try:
+        select_k(x[:10], [8, 9])
+    except ValueError as exc:
+        assert "exceeds the points of a cross-validation fold" in str(exc)
+    else:
+        raise AssertionError("candidates larger than a fold were accepted")
+
+
+def _train_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, split: int):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        part = x[:split] if rank == 0 else x[split:]
+        state = cluster_embeddings(part, GMMConfig(candidates=[2, 4, 6]), TorchDistributedReducer(), None, None)
+        torch.save({"labels": state.labels, "k": state.n_clusters}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_train_clustering_on_two_ranks_equals_one_process(tmp_path):
+    """A small set is gathered and fitted on every rank: the same K and labels as in one process."""
+    x, _ = _blobs(n=300, std=2.0, seed=9)
+    torch.multiprocessing.spawn(_train_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x, 120), nprocs=2,
+                                join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    single = cluster_embeddings(x, GMMConfig(candidates=[2, 4, 6]), LocalReducer(), None, None)
+    assert r0["k"] == r1["k"] == single.n_clusters == 4
+    np.testing.assert_array_equal(np.concatenate([r0["labels"], r1["labels"]]), single.labels)

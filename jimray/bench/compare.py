@@ -206,10 +206,27 @@ def frame_method(options: CompareOptions, clustering: str = "consensus") -> Call
         r_t, t_t = scores.rotations[idx + len(src), best], scores.shifts[idx + len(src), best]
         inv_r, inv_t = invert_pose(r_s, t_s)
         pair_r, pair_t = compose_poses(inv_r, inv_t, r_t, t_t)
-        return MethodResult(labels=labels, pair_rotations=pair_r, pair_shifts=pair_t,
-                            extra={"accuracy_per_round": history})
+        extra = {"accuracy_per_round": history}
+        if clustering == "consensus":  # K as `jimray train` chooses it when not given (gmm.n_components null)
+            from jimray.cluster.consensus import select_k
+
+            extra["k_selected"], table = select_k(embedding.double(), K_CANDIDATES, seed=options.seed)
+            extra["heldout_loglik_per_k"] = {row["k"]: round(row["heldout_loglik"], 1) for row in table}
+        return MethodResult(labels=labels, pair_rotations=pair_r, pair_shifts=pair_t, extra=extra)
 
     return run
+
+
+K_CANDIDATES = tuple(range(2, 11))
+
+
+def frame_notes(rows: list[dict]) -> str:
+    """One line on K as the common frame chooses it (held-out likelihood over :data:`K_CANDIDATES`), per level."""
+    picks = [f"SNR {r['snr']:g}: {r['k_selected']}" for r in rows if "k_selected" in r]
+    if not picks:
+        return ""
+    return (f"K chosen by the common frame's default selection (true K known to the table's rows; candidates "
+            f"{K_CANDIDATES[0]}-{K_CANDIDATES[-1]}): " + ", ".join(picks) + ".\n\n")
 
 
 def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], MethodResult]]:
@@ -302,7 +319,8 @@ def benchmark_records(rows: list[dict]) -> list[dict]:
             return [clean(x) for x in v]
         return v
 
-    keys = ("train_seconds", "inference_seconds_per_pair", "speedup_vs_search", "n_subtomograms", "n_pairs")
+    keys = ("train_seconds", "inference_seconds_per_pair", "speedup_vs_search", "n_subtomograms", "n_pairs",
+            "k_selected")
     return [{k: clean(r.get(k)) for k in COLUMNS} | {k: clean(r[k]) for k in keys if k in r} for r in rows]
 
 
@@ -348,7 +366,7 @@ def register(bench_app: typer.Typer) -> None:
                 f"{opts.box_size}, tilt range {opts.tilt_range_degrees:g}; torch threads {torch.get_num_threads()}. "
                 "Errors over pairs (target ~ transform(source, R, t)); seconds per subtomogram (per pair for the "
                 "pair search). 'Jim-Net (paper)' rows are the paper's numbers, not measured here.\n\n")
-        md = note + jimnet_method.markdown_notes(rows) + markdown_table(rows, COLUMNS)
+        md = note + jimnet_method.markdown_notes(rows) + frame_notes(rows) + markdown_table(rows, COLUMNS)
         command = "jimray bench compare " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "jimray bench compare"
         write_results(out, "compare", {"options": opts.__dict__, "rows": rows}, md, command)
         if benchmarks_json:

@@ -12,6 +12,11 @@ The consensus labels are then turned into one mixture (:meth:`GaussianMixture.fi
 labels, no further EM) on the whitened embedding, so that a checkpoint stores one projection and one mixture, and
 ``jimray predict`` applies exactly the rule that gave the training labels.
 
+K, when not given, is chosen by two-fold cross-validation (:func:`select_k`): the consensus is found on one
+half of the points, its mixture scores the other half, and the K with the highest held-out log-likelihood wins.
+BIC over one mixture picks 2-7 on the same data depending on the PCA size and covariance (BENCHMARKS.md); the
+held-out likelihood needs no penalty term.
+
 Everything runs on data spread over workers (statistics through a :class:`jimray.cluster.reduce.Reducer`).
 Kernels only: torch and numpy.
 """
@@ -28,7 +33,7 @@ from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import Reducer, as_reducer
 from jimray.cluster.seeding import _sq_dist, kmeans_plusplus
 
-__all__ = ["DEFAULT_DIMS", "ensemble_labels", "consensus_kmeans", "consensus_labels", "consensus_mixture"]
+__all__ = ["DEFAULT_DIMS", "ensemble_labels", "consensus_kmeans", "consensus_labels", "consensus_mixture", "select_k"]
 
 DEFAULT_DIMS = (4, 6, 8, 12, 16)
 
@@ -123,3 +128,34 @@ def consensus_mixture(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DE
     z, pca = whitened_projection(embeddings, None, reducer)
     gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-3).fit_labels(z, labels, reducer=reducer)
     return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca
+
+
+def select_k(embeddings: torch.Tensor, candidates: Sequence[int], dims: Sequence[int] = DEFAULT_DIMS,
+             n_seeds: int = 2, seed: int = 0, reducer: Reducer | None = None, **gmm_kwargs
+             ) -> tuple[int, list[dict]]:
+    """K among ``candidates`` by two-fold cross-validated log-likelihood of the consensus mixture on the whitened
+    embedding ``(n, f)``: each point falls in a fold by a seeded draw (per rank); for each fold the consensus and
+    its M-step mixture are fitted on the other fold and score this one. Returns ``(K, table)`` with one row
+    ``{"k", "heldout_loglik"}`` (summed over all points) per candidate tried; all ranks agree."""
+    reducer = as_reducer(reducer)
+    ks = sorted({int(k) for k in candidates})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"candidates must be positive integers, got {list(candidates)}")
+    generator = torch.Generator().manual_seed(int(seed) * 1000003 + reducer.rank)
+    fold = torch.rand(embeddings.shape[0], generator=generator) < 0.5
+    z, _ = whitened_projection(embeddings, None, reducer)
+    counts = reducer.all_reduce_sum(torch.tensor([float(fold.sum()), float((~fold).sum())], dtype=torch.float64))
+    table = []
+    for k in ks:
+        if k > counts.min():
+            continue
+        total = 0.0
+        for train, n_held_out in ((fold, counts[1]), (~fold, counts[0])):
+            labels = consensus_labels(embeddings[train], k, dims, n_seeds, seed, reducer, **gmm_kwargs)
+            gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-3).fit_labels(z[train], labels, reducer)
+            total += gmm.score(z[~train], reducer) * float(n_held_out)
+        table.append({"k": k, "heldout_loglik": total})
+    if not table:
+        raise ValueError(f"every candidate K in {ks} exceeds the points of a cross-validation fold "
+                         f"({int(counts.min())}): pass smaller candidates")
+    return max(table, key=lambda row: row["heldout_loglik"])["k"], table

@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from jimray.cluster.consensus import consensus_mixture
+from jimray.cluster.consensus import consensus_mixture, select_k
 from jimray.cluster.gmm import GaussianMixture
 from jimray.cluster.pca import PCAState, whitened_projection
-from jimray.cluster.reduce import Reducer
+from jimray.cluster.reduce import LocalReducer, Reducer
 from jimray.cluster.select import fit_best_k, gmm_kwargs
 from jimray.config import GMMConfig
 
@@ -70,14 +70,12 @@ def cluster_embeddings(
     previous_k: int | None,
 ) -> ClusterState:
     """Fit PCA + GMM on the global set of embeddings; returns local labels (before matching to last round)."""
+    if config.consensus_dims:
+        return _consensus(embeddings, config, config.n_components, reducer)
     z, pca = whitened_projection(embeddings, config.pca_dims, reducer)
     kwargs = gmm_kwargs(config)
     if config.n_components is None:
         gmm, _table = fit_best_k(z, config.candidates, reducer=reducer, **kwargs)
-        if config.consensus_dims:
-            return _consensus(embeddings, config, gmm.n_components, reducer)
-    elif config.consensus_dims:
-        return _consensus(embeddings, config, config.n_components, reducer)
     else:
         means = None
         if previous_labels is not None and previous_k == config.n_components:
@@ -89,11 +87,33 @@ def cluster_embeddings(
     return ClusterState(labels, gmm.n_components, float(gmm.bic(z, reducer=reducer)), gmm, pca)
 
 
-def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int, reducer: Reducer) -> ClusterState:
-    """K clusters by the consensus of the ensemble, as one diagonal mixture on the whitened embedding."""
-    labels, gmm, pca = consensus_mixture(embeddings, k, config.consensus_dims, config.consensus_seeds,
-                                         seed=config.seed, reducer=reducer, n_init=max(config.n_init, 5),
-                                         max_iter=max(config.max_iter, 300), tol=config.tol,
-                                         init_sample=config.init_sample)
-    z = pca.transform(embeddings.double())
-    return ClusterState(labels, k, float(gmm.bic(torch.as_tensor(z), reducer=reducer)), gmm, pca)
+def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reducer: Reducer) -> ClusterState:
+    """K clusters (K chosen by :func:`select_k` when None) by the consensus of the ensemble, as one diagonal
+    mixture on the whitened embedding. A set of at most ``gmm.init_sample`` rows is gathered to every rank and
+    fitted there (identically, no collective per EM step: the ensemble runs thousands of them); larger sets are
+    fitted with all-reduced statistics."""
+    fit_rows, fit_reducer = _fitting_set(embeddings, config, reducer)
+    kwargs = _member_kwargs(config)
+    if k is None:
+        k, _table = select_k(fit_rows, config.candidates, config.consensus_dims, config.consensus_seeds,
+                             seed=config.seed, reducer=fit_reducer, **kwargs)
+    _, gmm, pca = consensus_mixture(fit_rows, k, config.consensus_dims, config.consensus_seeds, seed=config.seed,
+                                    reducer=fit_reducer, **kwargs)
+    z = torch.as_tensor(pca.transform(embeddings.double()))
+    labels = np.asarray(gmm.predict(z), dtype=np.int64)
+    return ClusterState(labels, k, float(gmm.bic(z, reducer=reducer)), gmm, pca)
+
+
+def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer) -> tuple[torch.Tensor, Reducer]:
+    """Every rank's rows on every rank (rank order) with a local reducer when the set is small, else as given."""
+    n_total = int(reducer.all_reduce_sum(torch.tensor([float(embeddings.shape[0])], dtype=torch.float64))[0])
+    if reducer.world_size == 1 or n_total > config.init_sample:
+        return embeddings.double(), reducer
+    everything = reducer.gather_sample(embeddings.double(), n_total, torch.Generator().manual_seed(config.seed))
+    return everything, LocalReducer()
+
+
+def _member_kwargs(config: GMMConfig) -> dict:
+    """Settings of the consensus members (diagonal mixtures; at least 5 starts and 300 EM iterations)."""
+    return {"n_init": max(config.n_init, 5), "max_iter": max(config.max_iter, 300), "tol": config.tol,
+            "init_sample": config.init_sample}
