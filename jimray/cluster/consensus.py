@@ -23,7 +23,8 @@ Kernels only: torch and numpy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,6 +37,19 @@ from jimray.cluster.seeding import _sq_dist, kmeans_plusplus
 __all__ = ["DEFAULT_DIMS", "ensemble_labels", "consensus_kmeans", "consensus_labels", "consensus_mixture", "select_k"]
 
 DEFAULT_DIMS = (4, 6, 8, 12, 16)
+
+
+@contextmanager
+def _threads_for(n_rows: int) -> Iterator[None]:
+    """One torch thread while fitting small sets (thousands of tiny EM steps: threading costs more than it
+    gives, 4x here on 240 x 30), the caller's setting otherwise; restored afterwards."""
+    before = torch.get_num_threads()
+    if n_rows <= 50000 and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ensemble_labels(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DEFAULT_DIMS, n_seeds: int = 2,
@@ -114,8 +128,9 @@ def consensus_labels(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DEF
                      seed: int = 0, reducer: Reducer | None = None, **gmm_kwargs) -> np.ndarray:
     """Consensus clustering of ``embeddings (n, f)`` into ``k`` clusters (members by :func:`ensemble_labels`,
     combined by :func:`consensus_kmeans`); local labels ``(n,)`` int64."""
-    members = ensemble_labels(embeddings, k, dims, n_seeds, seed, reducer, **gmm_kwargs)
-    return consensus_kmeans(members, k, seed=seed, reducer=reducer)
+    with _threads_for(embeddings.shape[0]):
+        members = ensemble_labels(embeddings, k, dims, n_seeds, seed, reducer, **gmm_kwargs)
+        return consensus_kmeans(members, k, seed=seed, reducer=reducer)
 
 
 def consensus_mixture(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DEFAULT_DIMS, n_seeds: int = 2,
