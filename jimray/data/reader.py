@@ -186,7 +186,9 @@ def _read_parquet(path: Path, box_size, voxel_size_angstrom, tilt_range_degrees,
         # One block per shard unless told otherwise: with Ray's default (>= 200 blocks) every read task splits its
         # shard into small blocks, which prevents fusing the decode below with the read and makes iter_batches
         # concatenate small blocks back into batches (two copies per volume).
-        blocks = override_num_blocks if override_num_blocks is not None else len(files)
+        # At least 16 blocks, so that a set in few shards still reaches every training worker (a worker
+        # without rows would train a different number of steps than the others).
+        blocks = override_num_blocks if override_num_blocks is not None else max(len(files), 16)
         ds = ray.data.read_parquet(str(path), columns=columns, override_num_blocks=blocks,
                                    file_extensions=["parquet"])
     finally:

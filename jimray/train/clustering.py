@@ -97,8 +97,15 @@ def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reduc
     if k is None:
         k, _table = select_k(fit_rows, config.candidates, config.consensus_dims, config.consensus_seeds,
                              seed=config.seed, reducer=fit_reducer, **kwargs)
+        k = int(reducer.broadcast(torch.tensor([k], dtype=torch.int64))[0]) if reducer.world_size > 1 else k
     _, gmm, pca = consensus_mixture(fit_rows, k, config.consensus_dims, config.consensus_seeds, seed=config.seed,
                                     reducer=fit_reducer, **kwargs)
+    if reducer.world_size > 1:  # every rank must hold the same rule (and K: the heads are resized by it)
+        gmm.means_, gmm.covariances_, gmm.weights_ = (reducer.broadcast(t.contiguous()) for t in
+                                                      (gmm.means_, gmm.covariances_, gmm.weights_))
+        gmm.precisions_cholesky_ = reducer.broadcast(gmm.precisions_cholesky_.contiguous())
+        pca = PCAState(reducer.broadcast(pca.mean.contiguous()), reducer.broadcast(pca.components.contiguous()),
+                       reducer.broadcast(pca.explained_variance.contiguous()), pca.n_samples, pca.backend)
     z = torch.as_tensor(pca.transform(embeddings.double()))
     labels = np.asarray(gmm.predict(z), dtype=np.int64)
     return ClusterState(labels, k, float(gmm.bic(z, reducer=reducer)), gmm, pca)
