@@ -32,7 +32,7 @@ import torch
 from jimray.cluster.gmm import GaussianMixture
 from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import Reducer, as_reducer
-from jimray.cluster.seeding import _sq_dist, kmeans_plusplus
+from jimray.cluster.seeding import kmeans_plusplus, squared_distances
 
 __all__ = ["DEFAULT_DIMS", "ensemble_labels", "consensus_kmeans", "consensus_labels", "consensus_mixture", "select_k"]
 
@@ -83,7 +83,7 @@ def _lloyd(codes: torch.Tensor, centres: torch.Tensor, reducer: Reducer, n_iter:
     k = centres.shape[0]
     inertia = float("inf")
     for _ in range(n_iter):
-        dist = _sq_dist(codes, centres) if codes.shape[0] else torch.zeros((0, k), dtype=codes.dtype)
+        dist = squared_distances(codes, centres) if codes.shape[0] else torch.zeros((0, k), dtype=codes.dtype)
         labels = dist.argmin(dim=1)
         sums = torch.zeros_like(centres).index_add_(0, labels, codes)
         counts = torch.bincount(labels, minlength=k).to(codes.dtype)
@@ -121,7 +121,7 @@ def consensus_kmeans(labels: list[np.ndarray], k: int, n_init: int = 20, seed: i
             best = (centres, inertia)
     if codes.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    return _sq_dist(codes, best[0]).argmin(dim=1).numpy().astype(np.int64)
+    return squared_distances(codes, best[0]).argmin(dim=1).numpy().astype(np.int64)
 
 
 def consensus_labels(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DEFAULT_DIMS, n_seeds: int = 2,

@@ -378,11 +378,12 @@ class GaussianMixture:
             raise ValueError(f"labels must have shape ({X.shape[0]},) with values in [0, {k}), got shape "
                              f"{tuple(labels.shape)}")
         zero = torch.zeros((k, X.shape[1]), dtype=self.dtype, device=X.device)
-        nk, s1, s2 = _stats(torch.nn.functional.one_hot(labels, k).to(self.dtype), X[None] - zero[:, None],
-                            self.covariance_type)
+
+        def chunk(lo, hi):
+            return None, torch.nn.functional.one_hot(labels[lo:hi], k).to(self.dtype), X[lo:hi][None] - zero[:, None]
+
+        _, (nk, s1, s2) = self._accumulate(X, k, chunk, reducer)
         n_total = float(reducer.all_reduce_sum(torch.tensor([float(X.shape[0])], dtype=self.dtype))[0])
-        _, (nk, s1, s2) = self._reduce_stats(torch.zeros((), dtype=self.dtype, device=X.device), nk, s1, s2,
-                                             reducer)
         self._set_params(self._m_step(nk, s1, s2, zero, n_total))
         self.lower_bound_, self.n_iter_, self.converged_, self.n_features_in_ = float("nan"), 0, True, X.shape[1]
         return self

@@ -25,7 +25,7 @@ def cuml_available() -> bool:
     return True
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Squared Euclidean distances (n, k) between rows of x (n, d) and c (k, d), clamped at 0."""
     d2 = (x * x).sum(1, keepdim=True) - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
     return d2.clamp_min_(0.0)
@@ -41,7 +41,7 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
     centres = torch.empty((k, x.shape[1]), dtype=x.dtype, device=x.device)
     first = int(torch.randint(n, (1,), generator=generator))
     centres[0] = x[first]
-    closest = _sq_dist(x, centres[:1])[:, 0]
+    closest = squared_distances(x, centres[:1])[:, 0]
     for c in range(1, k):
         pot = closest.sum()
         if float(pot) <= 0.0:  # all remaining points coincide with centres: take random rows
@@ -51,7 +51,7 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
             cum = torch.cumsum(closest.double().cpu(), 0)
             cand = torch.searchsorted(cum, u).clamp_(max=n - 1)
         cand = cand.to(x.device)
-        dist = torch.minimum(closest[None, :], _sq_dist(x, x[cand]).T)  # (trials, n)
+        dist = torch.minimum(closest[None, :], squared_distances(x, x[cand]).T)  # (trials, n)
         best = int(torch.argmin(dist.sum(1)))
         centres[c] = x[cand[best]]
         closest = dist[best]
@@ -63,7 +63,7 @@ def lloyd(x: torch.Tensor, centres: torch.Tensor, n_iter: int = 10) -> torch.Ten
     c = centres.clone()
     k = c.shape[0]
     for _ in range(n_iter):
-        labels = torch.argmin(_sq_dist(x, c), dim=1)
+        labels = torch.argmin(squared_distances(x, c), dim=1)
         counts = torch.bincount(labels, minlength=k).to(x.dtype)
         sums = torch.zeros_like(c).index_add_(0, labels, x)
         keep = counts > 0
