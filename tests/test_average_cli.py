@@ -78,6 +78,21 @@ def test_average_no_refine_writes_everything_and_poses_reproduce_particles(datas
             assert correlation(posed[k], sim.volumes[i]) > 0.9
 
 
+def test_halves_depend_on_the_star_not_on_where_it_lies(dataset):
+    """The gold-standard halves hash the image names as written, so a moved data set gives the same halves
+    (they once hashed the resolved absolute paths, and CI's temporary folder changed the FSC)."""
+    import shutil
+
+    root, star, _, _ = dataset
+    moved = root / "elsewhere" / "deeper"
+    shutil.copytree(star.parent, moved)
+    subsets = []
+    for source, out in ((star, root / "here"), (moved / star.name, root / "there")):
+        run("--particles", source, "--out", out, "--no-refine")
+        subsets.append(read_particles(out / "particles.star").particles["rlnRandomSubset"].to_numpy())
+    np.testing.assert_array_equal(subsets[0], subsets[1])
+
+
 def test_averaging_normalises_volumes_like_training(dataset):
     from jimray.average.run import load_class_particles
     from jimray.data.reader import normalize_batch

@@ -195,13 +195,16 @@ def average_particles(
         has_poses = any(column in df.columns for column in ANGLE_COLUMNS)
         aligner = local_aligner(angular_step_degrees / 2.0) if has_poses else classical_aligner(angular_step_degrees)
     out.mkdir(parents=True, exist_ok=True)
+    # Halves hash the image names as the STAR writes them, not the resolved paths: the same STAR gives the same
+    # halves wherever it lies.
+    names = df["rlnImageName"].astype(str).to_numpy()
     results, numbers = [], np.unique(classes)
     for done, number in enumerate(numbers, start=1):
         rows = np.flatnonzero(classes == number)
         particles = load_class_particles([specs[i] for i in rows]).to(device)
         res = gold_standard_refine(
             particles, tilt_range_degrees, torch.as_tensor(rotations[rows], dtype=torch.float32, device=device),
-            torch.as_tensor(shifts[rows], dtype=torch.float32, device=device), [specs[i] for i in rows],
+            torch.as_tensor(shifts[rows], dtype=torch.float32, device=device), names[rows],
             aligner=aligner if refine else None, iterations=iterations if refine else 0, seed=seed,
             mask_radius_voxels=mask_radius_voxels, halves=_halves_from_star(df, rows),
         )
