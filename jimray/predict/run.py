@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from jimray.cluster.gmm import GaussianMixture
@@ -93,7 +94,8 @@ class TrainedRun:
         with torch.no_grad():
             if self.frame is not None:
                 tilts = self.config.data.tilt_range_degrees if tilt_range_degrees is None else tilt_range_degrees
-                tilts = torch.as_tensor(tilts, dtype=torch.float32).reshape(-1).expand(volumes.shape[0])
+                # np.array copies: the tilts of a Ray batch are read-only arrays (torch warns on those).
+                tilts = torch.from_numpy(np.array(tilts, dtype=np.float32)).reshape(-1).expand(volumes.shape[0])
                 embeddings = self.frame.embed(volumes.cpu().float(), tilts.contiguous())
             else:
                 embeddings = self.model.embed(volumes.to(self.device, torch.float32)).double()
