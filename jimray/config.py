@@ -74,8 +74,12 @@ class ModelConfig(_Strict):
 class GMMConfig(_Strict):
     """Gaussian mixture fitted each round on the embeddings."""
 
-    n_components: int | None = Field(None, ge=1, description="K; None = choose among candidates (held-out "
-                                     "likelihood of the consensus; BIC when consensus_dims is null)")
+    n_components: int | None = Field(None, ge=1, description="K; None = choose among candidates (k_selection; "
+                                     "BIC when consensus_dims is null)")
+    k_selection: Literal["distinct", "heldout"] = Field(
+        "distinct", description="how K is chosen when n_components is null: distinct = the largest K whose "
+        "clusters' half-set averages their other halves tell apart (common frame only, jimray.cluster.distinct); "
+        "heldout = held-out likelihood of the consensus (also the rule of frame.embedding: network)")
     candidates: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 10])
     covariance_type: Literal["full", "diag"] = "full"
     reg_covar: float = Field(1e-4, gt=0)
@@ -89,6 +93,10 @@ class GMMConfig(_Strict):
         description="PCA sizes of the consensus ensemble (one diagonal mixture per size and seed, combined by "
                     "k-means on their labels, jimray.cluster.consensus); null = one mixture at pca_dims")
     consensus_seeds: int = Field(2, ge=1, description="seeds per PCA size in the consensus ensemble")
+    consensus_restarts: int = Field(4, ge=1, description="consensus clusterings per fit; the one whose mixture "
+                                    "fits the whitened embedding best is kept (jimray.cluster.consensus)")
+    selection_pca_dims: int | None = Field(16, ge=1, description="K selection scores held-out likelihood on the "
+                                           "whitened PCA projection to this size (null: every dimension)")
     seed: int = 0
 
 

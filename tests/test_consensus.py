@@ -8,8 +8,16 @@ import numpy as np
 import torch
 from sklearn.datasets import make_blobs
 
-from jimray.cluster.consensus import consensus_kmeans, consensus_mixture, ensemble_labels, select_k
+from jimray.cluster.consensus import (
+    best_consensus,
+    consensus_kmeans,
+    consensus_labels,
+    consensus_mixture,
+    ensemble_labels,
+    select_k,
+)
 from jimray.cluster.gmm import GaussianMixture
+from jimray.cluster.pca import whitened_projection
 from jimray.cluster.reduce import LocalReducer, TorchDistributedReducer
 from jimray.config import GMMConfig
 from jimray.conventions import clustering_accuracy
@@ -139,3 +147,32 @@ def test_train_clustering_on_two_ranks_equals_one_process(tmp_path):
     single = cluster_embeddings(x, GMMConfig(candidates=[2, 4, 6]), LocalReducer(), None, None)
     assert r0["k"] == r1["k"] == single.n_clusters == 4
     np.testing.assert_array_equal(np.concatenate([r0["labels"], r1["labels"]]), single.labels)
+
+
+def test_best_consensus_keeps_the_restart_whose_mixture_fits_best():
+    x, _ = _blobs(n=240, d=12, k=6, std=4.0, seed=13)  # overlapping blobs: restarts disagree
+    z, _ = whitened_projection(x.double(), None)
+    scores = []
+    for i in range(3):
+        labels = consensus_labels(x, 6, (2, 4), 1, seed=10 * i)
+        scores.append(GaussianMixture(6, covariance_type="diag", reg_covar=1e-3).fit_labels(z, labels).score(z))
+    labels, gmm = best_consensus(x, z, 6, (2, 4), 1, seed=0, restarts=3)
+    assert abs(gmm.score(z) - max(scores)) < 1e-9
+    one, _ = best_consensus(x, z, 6, (2, 4), 1, seed=0, restarts=1)
+    np.testing.assert_array_equal(one, consensus_labels(x, 6, (2, 4), 1, seed=0))
+    try:
+        best_consensus(x, z, 6, restarts=0)
+    except ValueError as exc:
+        assert "restarts" in str(exc)
+    else:
+        raise AssertionError("restarts=0 was accepted")
+
+
+def test_select_k_with_the_default_settings_finds_k_on_an_embedding_sized_set():
+    """Six clusters of 40 in 45 dimensions (the size of a common-frame embedding of the demo), K by the
+    defaults of `jimray train` (restarts, held-out likelihood on the whitened PCA 16)."""
+    x, _ = _blobs(n=240, d=45, k=6, std=6.0, seed=17)
+    defaults = GMMConfig()
+    k, table = select_k(x, defaults.candidates, restarts=defaults.consensus_restarts,
+                        score_dims=defaults.selection_pca_dims)
+    assert k == 6, table

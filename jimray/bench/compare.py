@@ -40,7 +40,8 @@ PAPER_JIMNET = {
     0.03: (85.5, 1.02, 4.12),
     0.01: (48.1, 1.58, 6.78),
 }
-COLUMNS = ["method", "snr", "rotation_error_mean", "rotation_error_std", "translation_error_mean",
+COLUMNS = ["method", "snr", "rotation_error_mean", "rotation_error_std", "rotation_error_asymmetric_mean",
+           "translation_error_mean",
            "translation_error_std", "clustering_accuracy", "seconds_per_subtomogram"]
 
 
@@ -85,7 +86,17 @@ def make_dataset(snr: float, options: CompareOptions, maps: list[torch.Tensor] |
     pairs = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     pair_r, pair_t = pair_truth(sim.rotations, sim.shifts, pairs)
     return Dataset(sim.volumes, classes, sim.rotations, sim.shifts, options.tilt_range_degrees, snr, len(maps),
-                   pairs, pair_r, pair_t)
+                   pairs, pair_r, pair_t, asymmetric_classes(options, len(maps)))
+
+
+def asymmetric_classes(options: CompareOptions, n_classes: int) -> np.ndarray:
+    """``(n_classes,)`` bool: True where the structure is asymmetric (embedded maps: their recorded point group,
+    :data:`jimray.simulate.embedded.POINT_GROUPS`; random pseudo-molecules: always)."""
+    from jimray.simulate.embedded import POINT_GROUPS
+
+    if len(options.structures) == 1 and options.structures[0].startswith("pseudo:"):
+        return np.ones(n_classes, dtype=bool)
+    return np.array([POINT_GROUPS.get(name, "C1") == "C1" for name in options.structures], dtype=bool)
 
 
 def classical_search_method(options: CompareOptions) -> Callable[[Dataset], MethodResult]:
@@ -156,10 +167,11 @@ def _embedding_gmm(embedding: torch.Tensor, k: int, seed: int, pca_dims: int = 8
 
 
 def _embedding_consensus(embedding: torch.Tensor, k: int, seed: int) -> np.ndarray:
-    """The clustering rule of `jimray train` (gmm.consensus_dims default, :mod:`jimray.cluster.consensus`)."""
+    """The clustering rule of `jimray train` (gmm.consensus_* defaults, :mod:`jimray.cluster.consensus`)."""
     from jimray.cluster.consensus import consensus_mixture
+    from jimray.config import GMMConfig
 
-    return consensus_mixture(embedding.double(), k, seed=seed)[0]
+    return consensus_mixture(embedding.double(), k, seed=seed, restarts=GMMConfig().consensus_restarts)[0]
 
 
 def _cluster(embedding: torch.Tensor, k: int, seed: int, clustering: str) -> np.ndarray:
@@ -183,7 +195,8 @@ def frame_method(options: CompareOptions, clustering: str = "consensus") -> Call
     """jimray's common frame (:mod:`jimray.cluster.frame`, the default embedding of `jimray train`): mode-seeking
     references, ``options.frame_rounds`` rounds, aligned-score embedding, clustered by the consensus of mixtures
     (`jimray train`'s default) or, as an ablation (``clustering="single"``), one whitened PCA 8 + diagonal GMM.
-    Pair poses: source and target aligned onto the source's best reference, composed."""
+    Pair poses: source and target aligned onto the source's best reference (the frame's grid, then a local
+    refinement at :data:`PAIR_REFINE_LOWPASS`), composed."""
     from jimray.cluster.frame import FrameOptions, frame_scores
     from jimray.cluster.reduce import LocalReducer
     from jimray.train.frame_step import frame_step
@@ -200,33 +213,74 @@ def frame_method(options: CompareOptions, clustering: str = "consensus") -> Call
         src, tgt = ds.pairs[:, 0], ds.pairs[:, 1]
         scores = frame_scores(ds.volumes[np.concatenate([src, tgt])], tilts[: 2 * len(src)], frame.references,
                               frame.options, frame.reference_tilt_range_degrees)
-        best = scores.scores[: len(src)].argmax(dim=1)
-        idx = torch.arange(len(src))
-        r_s, t_s = scores.rotations[idx, best], scores.shifts[idx, best]
-        r_t, t_t = scores.rotations[idx + len(src), best], scores.shifts[idx + len(src), best]
+        best = scores.scores[: len(src)].argmax(dim=1).repeat(2)
+        rot, shift = _refine_pair_poses(ds.volumes[np.concatenate([src, tgt])], tilts[: 2 * len(src)],
+                                        frame, best, scores)
+        r_s, t_s, r_t, t_t = rot[: len(src)], shift[: len(src)], rot[len(src) :], shift[len(src) :]
         inv_r, inv_t = invert_pose(r_s, t_s)
         pair_r, pair_t = compose_poses(inv_r, inv_t, r_t, t_t)
         extra = {"accuracy_per_round": history}
         if clustering == "consensus":  # K as `jimray train` chooses it when not given (gmm.n_components null)
-            from jimray.cluster.consensus import select_k
-
-            extra["k_selected"], table = select_k(embedding.double(), K_CANDIDATES, seed=options.seed)
-            extra["heldout_loglik_per_k"] = {row["k"]: round(row["heldout_loglik"], 1) for row in table}
+            extra.update(_frame_k(ds, embedding, frame, options.seed))
         return MethodResult(labels=labels, pair_rotations=pair_r, pair_shifts=pair_t, extra=extra)
 
     return run
 
 
 K_CANDIDATES = tuple(range(2, 11))
+PAIR_REFINE_LOWPASS = 0.4  # cycles/voxel: local pose refinement uses frequencies the 0.25 of the frame's grid skips
+
+
+def _refine_pair_poses(volumes: torch.Tensor, tilts: np.ndarray, frame, which: torch.Tensor, scores):
+    """Poses ``(rotations (n, 3, 3), shifts (n, 3))`` of ``volumes (n, d, h, w)`` against references
+    ``frame.references[which]``: the frame's grid pose refined locally (:func:`jimray.align.multiref.
+    refine_poses`, three rounds of 27 rotations from 15 degrees) at :data:`PAIR_REFINE_LOWPASS`."""
+    from jimray.align.multiref import refine_poses
+    from jimray.cluster.frame import normalised_volumes, spherical_mask
+
+    idx = torch.arange(volumes.shape[0])
+    shape = tuple(volumes.shape[-3:])
+    mask = spherical_mask(shape, frame.options.mask_radius_fraction * min(shape))
+    rot, shift, _ = refine_poses(normalised_volumes(volumes.float()), normalised_volumes(frame.references * mask),
+                                 which, scores.rotations[idx, which], tilts,
+                                 max_shift_voxels=frame.options.max_shift_voxels,
+                                 lowpass_cycles_per_voxel=PAIR_REFINE_LOWPASS)
+    return rot, shift
+
+
+def _frame_k(ds: Dataset, embedding: torch.Tensor, frame, seed: int) -> dict:
+    """K as `jimray train` chooses it with the defaults (``gmm.k_selection: distinct``: held-out class averages
+    over the consensus partitions, :func:`jimray.train.frame_step.frame_k_chooser`), its scan, and K by the
+    held-out likelihood (``k_selection: heldout``) for comparison."""
+    from jimray.cluster.consensus import consensus_mixture, select_k
+    from jimray.cluster.reduce import LocalReducer
+    from jimray.config import GMMConfig
+    from jimray.train.frame_step import frame_k_chooser
+
+    defaults = GMMConfig()
+    ids, tilts = np.arange(len(ds.classes)), np.full(len(ds.classes), ds.tilt_range_degrees, np.float32)
+    choose = frame_k_chooser(ds.volumes, tilts, ids, frame, list(K_CANDIDATES), LocalReducer(), seed)
+    k, table = choose(lambda k: consensus_mixture(embedding.double(), k, seed=seed,
+                                                  restarts=defaults.consensus_restarts)[0])
+    k_heldout, _ = select_k(embedding.double(), K_CANDIDATES, seed=seed, restarts=defaults.consensus_restarts,
+                            score_dims=defaults.selection_pca_dims)
+    chosen = consensus_mixture(embedding.double(), k, seed=seed, restarts=defaults.consensus_restarts)[0]
+    return {"k_selected": k, "k_heldout_likelihood": k_heldout,
+            "accuracy_k_selected": round(100.0 * clustering_accuracy(ds.classes, chosen), 1),
+            "k_scan": {row["k"]: [row["distinct"], round(row["t"], 1), round(row["effect"], 2)] for row in table}}
 
 
 def frame_notes(rows: list[dict]) -> str:
-    """One line on K as the common frame chooses it (held-out likelihood over :data:`K_CANDIDATES`), per level."""
-    picks = [f"SNR {r['snr']:g}: {r['k_selected']}" for r in rows if "k_selected" in r]
+    """One line on K as the common frame chooses it (held-out class averages, and held-out likelihood, over
+    :data:`K_CANDIDATES`), per level."""
+    picks = [f"SNR {r['snr']:g}: {r['k_selected']} ({r['accuracy_k_selected']} %)" for r in rows
+             if "k_selected" in r]
     if not picks:
         return ""
-    return (f"K chosen by the common frame's default selection (true K known to the table's rows; candidates "
-            f"{K_CANDIDATES[0]}-{K_CANDIDATES[-1]}): " + ", ".join(picks) + ".\n\n")
+    heldout = [f"SNR {r['snr']:g}: {r['k_heldout_likelihood']}" for r in rows if "k_heldout_likelihood" in r]
+    return (f"K chosen by the common frame's default selection, held-out class averages (true K known to the "
+            f"table's rows; candidates {K_CANDIDATES[0]}-{K_CANDIDATES[-1]}): " + ", ".join(picks) + ". By the "
+            "held-out likelihood (gmm.k_selection: heldout): " + ", ".join(heldout) + ".\n\n")
 
 
 def build_methods(options: CompareOptions) -> dict[str, Callable[[Dataset], MethodResult]]:
@@ -266,9 +320,14 @@ def evaluate(name: str, ds: Dataset, result: MethodResult, seconds: float) -> di
         tra = translation_error(ds.pair_shifts, result.pair_shifts)
         row.update(rotation_error_mean=float(rot.mean()), rotation_error_std=float(rot.std()),
                    translation_error_mean=float(tra.mean()), translation_error_std=float(tra.std()))
+        pair_class = ds.classes[ds.pairs[:, 0]]
+        asym = ds.asymmetric[pair_class] if ds.asymmetric is not None else np.ones(len(pair_class), dtype=bool)
+        row["rotation_error_asymmetric_mean"] = float(rot[asym].mean()) if asym.any() else nan  # C1 pairs only
+        row["rotation_error_per_class"] = {int(c): round(float(rot[pair_class == c].mean()), 3)
+                                           for c in np.unique(pair_class)}
     else:
-        row.update(rotation_error_mean=nan, rotation_error_std=nan, translation_error_mean=nan,
-                   translation_error_std=nan)
+        row.update(rotation_error_mean=nan, rotation_error_std=nan, rotation_error_asymmetric_mean=nan,
+                   translation_error_mean=nan, translation_error_std=nan)
     row["clustering_accuracy"] = (100.0 * clustering_accuracy(ds.classes, result.labels)
                                   if result.labels is not None else nan)
     per = len(ds.classes) if result.labels is not None else len(ds.pairs)

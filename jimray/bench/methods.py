@@ -37,6 +37,7 @@ class Dataset:
     pairs: np.ndarray
     pair_rotations: torch.Tensor
     pair_shifts: torch.Tensor
+    asymmetric: np.ndarray | None = None  # (n_classes,) bool: the class's structure has point group C1
 
 
 @dataclass

@@ -34,7 +34,8 @@ from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import Reducer, as_reducer
 from jimray.cluster.seeding import kmeans_plusplus, squared_distances
 
-__all__ = ["DEFAULT_DIMS", "ensemble_labels", "consensus_kmeans", "consensus_labels", "consensus_mixture", "select_k"]
+__all__ = ["DEFAULT_DIMS", "ensemble_labels", "consensus_kmeans", "consensus_labels", "best_consensus",
+           "consensus_mixture", "select_k"]
 
 DEFAULT_DIMS = (4, 6, 8, 12, 16)
 
@@ -133,24 +134,51 @@ def consensus_labels(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DEF
         return consensus_kmeans(members, k, seed=seed, reducer=reducer)
 
 
+def _labels_mixture(z: torch.Tensor, labels: np.ndarray, k: int, reducer: Reducer | None) -> GaussianMixture:
+    """The M-step mixture (diagonal) of ``labels`` on the whitened embedding ``z``."""
+    return GaussianMixture(k, covariance_type="diag", reg_covar=1e-3).fit_labels(z, labels, reducer=reducer)
+
+
+def best_consensus(embeddings: torch.Tensor, z: torch.Tensor, k: int, dims: Sequence[int] = DEFAULT_DIMS,
+                   n_seeds: int = 2, seed: int = 0, restarts: int = 1, reducer: Reducer | None = None,
+                   **gmm_kwargs) -> tuple[np.ndarray, GaussianMixture]:
+    """The best of ``restarts`` consensus clusterings of ``embeddings (n, f)`` (each with its own seeds:
+    ``seed + 10 * i``): the one whose M-step mixture has the highest mean log-likelihood on the whitened
+    embedding ``z (n, f)`` (all ranks), as the ``n_init`` starts of a mixture keep the best bound. One consensus
+    can settle in a partition that merges two structures and splits a third (BENCHMARKS.md, issue 12): its
+    mixture then fits the data clearly worse. Returns ``(labels (n,), mixture)``."""
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    best = None
+    for i in range(restarts):
+        labels = consensus_labels(embeddings, k, dims, n_seeds, seed + 10 * i, reducer, **gmm_kwargs)
+        gmm = _labels_mixture(z, labels, k, reducer)
+        score = gmm.score(z, reducer)
+        if best is None or score > best[0] + 1e-12:
+            best = (score, labels, gmm)
+    return best[1], best[2]
+
+
 def consensus_mixture(embeddings: torch.Tensor, k: int, dims: Sequence[int] = DEFAULT_DIMS, n_seeds: int = 2,
-                      seed: int = 0, reducer: Reducer | None = None, **gmm_kwargs
+                      seed: int = 0, reducer: Reducer | None = None, restarts: int = 1, **gmm_kwargs
                       ) -> tuple[np.ndarray, GaussianMixture, PCAState]:
     """The consensus as one rule: ``(labels (n,), mixture, projection)`` where the mixture is the M-step of the
     consensus labels (diagonal, on the whitened embedding of every dimension) and ``labels`` its ``predict``, so
-    ``mixture.predict(projection.transform(x))`` gives the same labels for the same embeddings."""
-    labels = consensus_labels(embeddings, k, dims, n_seeds, seed, reducer, **gmm_kwargs)
+    ``mixture.predict(projection.transform(x))`` gives the same labels for the same embeddings. With
+    ``restarts`` > 1 the best of that many consensus clusterings (:func:`best_consensus`) is kept."""
     z, pca = whitened_projection(embeddings, None, reducer)
-    gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-3).fit_labels(z, labels, reducer=reducer)
+    _, gmm = best_consensus(embeddings, z, k, dims, n_seeds, seed, restarts, reducer, **gmm_kwargs)
     return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca
 
 
 def select_k(embeddings: torch.Tensor, candidates: Sequence[int], dims: Sequence[int] = DEFAULT_DIMS,
-             n_seeds: int = 2, seed: int = 0, reducer: Reducer | None = None, **gmm_kwargs
-             ) -> tuple[int, list[dict]]:
+             n_seeds: int = 2, seed: int = 0, reducer: Reducer | None = None, restarts: int = 1,
+             score_dims: int | None = None, **gmm_kwargs) -> tuple[int, list[dict]]:
     """K among ``candidates`` by two-fold cross-validated log-likelihood of the consensus mixture on the whitened
     embedding ``(n, f)``: each point falls in a fold by a seeded draw (per rank); for each fold the consensus and
-    its M-step mixture are fitted on the other fold and score this one. Returns ``(K, table)`` with one row
+    its M-step mixture are fitted on the other fold and score this one (the best of ``restarts`` consensus
+    clusterings of the fitting fold, :func:`best_consensus`), on the whitened PCA projection to ``score_dims``
+    (None: every dimension). Returns ``(K, table)`` with one row
     ``{"k", "heldout_loglik"}`` (summed over all points) per candidate tried; all ranks agree."""
     reducer = as_reducer(reducer)
     ks = sorted({int(k) for k in candidates})
@@ -158,7 +186,7 @@ def select_k(embeddings: torch.Tensor, candidates: Sequence[int], dims: Sequence
         raise ValueError(f"candidates must be positive integers, got {list(candidates)}")
     generator = torch.Generator().manual_seed(int(seed) * 1000003 + reducer.rank)
     fold = torch.rand(embeddings.shape[0], generator=generator) < 0.5
-    z, _ = whitened_projection(embeddings, None, reducer)
+    z, _ = whitened_projection(embeddings, score_dims, reducer)
     counts = reducer.all_reduce_sum(torch.tensor([float(fold.sum()), float((~fold).sum())], dtype=torch.float64))
     table = []
     for k in ks:
@@ -166,8 +194,8 @@ def select_k(embeddings: torch.Tensor, candidates: Sequence[int], dims: Sequence
             continue
         total = 0.0
         for train, n_held_out in ((fold, counts[1]), (~fold, counts[0])):
-            labels = consensus_labels(embeddings[train], k, dims, n_seeds, seed, reducer, **gmm_kwargs)
-            gmm = GaussianMixture(k, covariance_type="diag", reg_covar=1e-3).fit_labels(z[train], labels, reducer)
+            _, gmm = best_consensus(embeddings[train], z[train], k, dims, n_seeds, seed, restarts, reducer,
+                                    **gmm_kwargs)
             total += gmm.score(z[~train], reducer) * float(n_held_out)
         table.append({"k": k, "heldout_loglik": total})
     if not table:

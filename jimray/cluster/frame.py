@@ -38,8 +38,8 @@ from jimray.cluster.reduce import Reducer, as_reducer
 from jimray.cluster.seeding import kmeans_plusplus
 from jimray.geometry.rigid import voxel_grid
 
-__all__ = ["FrameOptions", "FrameStats", "spherical_mask", "choose_seeds", "gather_volumes", "frame_scores",
-           "update_references", "frame_embedding", "apply_frame_stats"]
+__all__ = ["FrameOptions", "FrameStats", "spherical_mask", "normalised_volumes", "choose_seeds", "gather_volumes",
+           "frame_scores", "update_references", "frame_embedding", "apply_frame_stats"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def spherical_mask(shape: tuple[int, int, int], radius_voxels: float, edge_voxel
     return ((radius_voxels + edge_voxels / 2 - radius) / edge_voxels).clamp(0.0, 1.0)
 
 
-def _normalised(volumes: torch.Tensor) -> torch.Tensor:
+def normalised_volumes(volumes: torch.Tensor) -> torch.Tensor:
+    """Each volume of ``(n, d, h, w)`` at zero mean and unit standard deviation."""
     mean = volumes.mean(dim=(-3, -2, -1), keepdim=True)
     return (volumes - mean) / volumes.std(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-12)
 
@@ -132,7 +133,7 @@ def frame_scores(volumes: torch.Tensor, tilts, references: torch.Tensor, options
     ``(R, d, h, w)`` (masked); ``reference_tilt_range_degrees`` < 90 when the references are single particles."""
     shape = tuple(references.shape[-3:])
     mask = spherical_mask(shape, options.mask_radius_fraction * min(shape)).to(references.dtype)
-    return score_references(_normalised(volumes.float()), _normalised(references.float() * mask), tilts,
+    return score_references(normalised_volumes(volumes.float()), normalised_volumes(references.float() * mask), tilts,
                             angular_step_degrees=options.angular_step_degrees,
                             max_shift_voxels=options.max_shift_voxels,
                             lowpass_cycles_per_voxel=options.lowpass_cycles_per_voxel,

@@ -19,6 +19,11 @@ import torch
 from jimray.simulate.density import gaussian_lowpass, resample_map
 
 DEFAULT_BOX_SIZE = 32
+# Point group of each embedded structure, for scoring poses fairly (a symmetric particle has as many right poses
+# as its group has elements). TRiC/CCT is two rings of eight different subunits: pseudo-D8, which at the 20 A
+# of the simulated maps cannot be told from D8. The others are asymmetric (PDB entries, README of the data).
+POINT_GROUPS = {"6zu5_ribosome": "C1", "4v8r_tric": "D8", "7cth_dengue_patch": "C1", "6msm_cftr": "C1",
+                "3pwp_tcr_pmhc": "C1", "7ddo_ace2_rbd": "C1"}
 DEFAULT_VOXEL_SIZE_ANGSTROM = 10.0
 _DATA_FILE = "embedded_maps.npz"
 _META_KEYS = ("voxel_size_angstrom", "resolution_angstrom")

@@ -10,6 +10,7 @@ last round's clusters (their means in this round's PCA space).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,6 +22,8 @@ from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import LocalReducer, Reducer
 from jimray.cluster.select import fit_best_k, gmm_kwargs
 from jimray.config import GMMConfig
+
+KChooser = Callable[[Callable[[int], np.ndarray]], tuple[int, list[dict]]]
 
 
 @dataclass
@@ -68,10 +71,14 @@ def cluster_embeddings(
     reducer: Reducer,
     previous_labels: np.ndarray | None,
     previous_k: int | None,
+    choose_k: KChooser | None = None,
 ) -> ClusterState:
-    """Fit PCA + GMM on the global set of embeddings; returns local labels (before matching to last round)."""
+    """Fit PCA + GMM on the global set of embeddings; returns local labels (before matching to last round).
+    ``choose_k(labels_for) -> (K, table)`` picks K (when ``config.n_components`` is None) from the partitions
+    ``labels_for(K)`` of the consensus rule, e.g. by held-out class averages (``gmm.k_selection: distinct``,
+    :func:`jimray.train.frame_step.frame_k_chooser`); without it K is chosen by held-out likelihood."""
     if config.consensus_dims:
-        return _consensus(embeddings, config, config.n_components, reducer)
+        return _consensus(embeddings, config, config.n_components, reducer, choose_k)
     z, pca = whitened_projection(embeddings, config.pca_dims, reducer)
     kwargs = gmm_kwargs(config)
     if config.n_components is None:
@@ -87,19 +94,40 @@ def cluster_embeddings(
     return ClusterState(labels, gmm.n_components, float(gmm.bic(z, reducer=reducer)), gmm, pca)
 
 
-def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reducer: Reducer) -> ClusterState:
-    """K clusters (K chosen by :func:`select_k` when None) by the consensus of the ensemble, as one diagonal
-    mixture on the whitened embedding. A set of at most ``gmm.init_sample`` rows is gathered to every rank and
-    fitted there (identically, no collective per EM step: the ensemble runs thousands of them); larger sets are
-    fitted with all-reduced statistics."""
+def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reducer: Reducer,
+               choose_k: KChooser | None = None) -> ClusterState:
+    """K clusters (K chosen by ``choose_k`` or :func:`select_k` when None) by the consensus of the ensemble, as
+    one diagonal mixture on the whitened embedding. A set of at most ``gmm.init_sample`` rows is gathered to
+    every rank and fitted there (identically, no collective per EM step: the ensemble runs thousands of them);
+    larger sets are fitted with all-reduced statistics."""
     fit_rows, fit_reducer = _fitting_set(embeddings, config, reducer)
     kwargs = _member_kwargs(config)
-    if k is None:
+    rules: dict[int, tuple[np.ndarray, GaussianMixture, PCAState]] = {}
+
+    def rule(kk: int) -> tuple[np.ndarray, GaussianMixture, PCAState]:
+        if kk not in rules:
+            rules[kk] = _consensus_rule(embeddings, fit_rows, fit_reducer, kk, config, reducer, kwargs)
+        return rules[kk]
+
+    if k is None and choose_k is not None:
+        k, _table = choose_k(lambda kk: rule(kk)[0])
+    elif k is None:
         k, _table = select_k(fit_rows, config.candidates, config.consensus_dims, config.consensus_seeds,
-                             seed=config.seed, reducer=fit_reducer, **kwargs)
+                             seed=config.seed, reducer=fit_reducer, restarts=config.consensus_restarts,
+                             score_dims=config.selection_pca_dims, **kwargs)
         k = int(reducer.broadcast(torch.tensor([k], dtype=torch.int64))[0]) if reducer.world_size > 1 else k
+    labels, gmm, pca = rule(k)
+    z = torch.as_tensor(pca.transform(embeddings.double()))
+    return ClusterState(labels, k, float(gmm.bic(z, reducer=reducer)), gmm, pca)
+
+
+def _consensus_rule(embeddings: torch.Tensor, fit_rows: torch.Tensor, fit_reducer: Reducer, k: int,
+                    config: GMMConfig, reducer: Reducer, kwargs: dict
+                    ) -> tuple[np.ndarray, GaussianMixture, PCAState]:
+    """The consensus mixture of ``k`` clusters fitted on ``fit_rows``, identical on every rank (broadcast from
+    rank 0), and the local labels ``(n,)`` it gives ``embeddings``."""
     _, gmm, pca = consensus_mixture(fit_rows, k, config.consensus_dims, config.consensus_seeds, seed=config.seed,
-                                    reducer=fit_reducer, **kwargs)
+                                    reducer=fit_reducer, restarts=config.consensus_restarts, **kwargs)
     if reducer.world_size > 1:  # every rank must hold the same rule (and K: the heads are resized by it)
         gmm.means_, gmm.covariances_, gmm.weights_ = (reducer.broadcast(t.contiguous()) for t in
                                                       (gmm.means_, gmm.covariances_, gmm.weights_))
@@ -107,8 +135,7 @@ def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reduc
         pca = PCAState(reducer.broadcast(pca.mean.contiguous()), reducer.broadcast(pca.components.contiguous()),
                        reducer.broadcast(pca.explained_variance.contiguous()), pca.n_samples, pca.backend)
     z = torch.as_tensor(pca.transform(embeddings.double()))
-    labels = np.asarray(gmm.predict(z), dtype=np.int64)
-    return ClusterState(labels, k, float(gmm.bic(z, reducer=reducer)), gmm, pca)
+    return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca
 
 
 def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer) -> tuple[torch.Tensor, Reducer]:

@@ -9,12 +9,14 @@ round. :class:`FrameRound` is what a checkpoint keeps: the references and statis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from jimray.align.multiref import ReferenceScores
+from jimray.cluster.distinct import distinct_k
 from jimray.cluster.frame import (
     FrameOptions,
     FrameStats,
@@ -39,6 +41,7 @@ class FrameRound:
     reference_tilt_range_degrees: float
     stats: FrameStats
     next_references: torch.Tensor
+    scores: ReferenceScores | None = None  # this worker's scores of the round (not checkpointed)
 
     def get_state(self) -> dict:
         return {"options": vars(self.options).copy(), "references": self.references.cpu().clone(),
@@ -91,4 +94,24 @@ def frame_step(volumes: torch.Tensor, tilts: np.ndarray, ids: np.ndarray, box_si
     scores = _scores(volumes, tilt_t, refs, options, reference_tilt)
     embedding, stats = frame_embedding(scores, reducer)
     next_refs = update_references(volumes, tilt_t, scores, options, refs, reducer)
-    return embedding, FrameRound(options, refs, reference_tilt, stats, next_refs)
+    return embedding, FrameRound(options, refs, reference_tilt, stats, next_refs, scores)
+
+
+def frame_k_chooser(volumes: torch.Tensor, tilts: np.ndarray, ids: np.ndarray, frame: FrameRound,
+                    candidates: list[int], reducer: Reducer, seed: int = 0
+                    ) -> Callable[[Callable[[int], np.ndarray]], tuple[int, list[dict]]]:
+    """``choose(labels_for) -> (K, table)``: K by held-out class averages (:func:`jimray.cluster.distinct.
+    distinct_k`) over this worker's ``volumes (n, d, h, w)`` and the round's frame scores, for partitions
+    ``labels_for(K)`` (local labels) of the round's clustering rule."""
+    if frame.scores is None:
+        raise ValueError("the frame round carries no scores: K by held-out class averages needs the round's "
+                         "frame_step output")
+    tilt_t = torch.as_tensor(np.asarray(tilts, dtype=np.float32))
+
+    def score(vols: torch.Tensor, tilt, refs: torch.Tensor) -> torch.Tensor:
+        return _scores(vols, tilt, refs, frame.options, 90.0).scores
+
+    def choose(labels_for: Callable[[int], np.ndarray]) -> tuple[int, list[dict]]:
+        return distinct_k(candidates, labels_for, volumes, tilt_t, ids, frame.scores, score, reducer, seed=seed)
+
+    return choose

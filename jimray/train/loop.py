@@ -29,7 +29,7 @@ from jimray.model.jimnet import JimNet
 from jimray.model.losses import jimnet_loss
 from jimray.train import rounds
 from jimray.train.clustering import ClusterState, cluster_embeddings
-from jimray.train.frame_step import FrameRound, frame_step
+from jimray.train.frame_step import FrameRound, frame_k_chooser, frame_step
 from jimray.train.pretrain import load_pretrained_weights
 from jimray.train.state import RoundState, load_pretrained, load_round_state, save_round_state
 
@@ -266,8 +266,15 @@ def _embed(ctx: _Context, model: JimNet, frame_prev: FrameRound | None, round_in
         return local, None
     local.embeddings, frame = frame_step(local.volumes, local.tilts, local.ids, config.data.box_size,
                                          config.frame.options(config.train.seed), ctx.reducer, frame_prev)
-    local.volumes = None
     return local, frame
+
+
+def _k_chooser(ctx: _Context, local: rounds.LocalEmbeddings, frame: FrameRound | None):
+    """K by held-out class averages (``gmm.k_selection: distinct``) when K is chosen and the frame embeds."""
+    gmm = ctx.config.gmm
+    if frame is None or gmm.n_components is not None or gmm.k_selection != "distinct" or not gmm.consensus_dims:
+        return None
+    return frame_k_chooser(local.volumes, local.tilts, local.ids, frame, gmm.candidates, ctx.reducer, gmm.seed)
 
 
 def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterState | None,
@@ -285,7 +292,11 @@ def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterSta
     seconds = {"seconds_embed": lap()}
     previous = _previous_labels(ctx, local.ids, first_round=cluster_prev is None)
     prev_k = None if cluster_prev is None else cluster_prev.n_clusters
-    cluster = cluster_embeddings(local.embeddings, config.gmm, ctx.reducer, previous, prev_k)
+    cluster = cluster_embeddings(local.embeddings, config.gmm, ctx.reducer, previous, prev_k,
+                                 _k_chooser(ctx, local, frame))
+    local.volumes = None
+    if frame is not None:
+        frame.scores = None
     labels, changed, lut = matching.relabel_to_previous(cluster.labels, previous, cluster.n_clusters, ctx.reducer)
     matching.reorder_to(cluster.gmm, lut)
     cluster = cluster.with_labels(labels)
