@@ -75,3 +75,13 @@ def test_the_scan_returns_the_number_of_structures():
         assert "candidates" in str(exc)
     else:
         raise AssertionError("an empty candidate list was accepted")
+
+
+def test_a_cluster_too_small_to_verify_is_not_distinct():
+    volumes, tilts, ids, truth, frame = _rounds()
+    labels = truth.copy()
+    labels[np.flatnonzero(truth == 1)[:1]] = 2  # one particle alone: no half-set average to test it against
+    partitions = {2: truth, 3: labels}
+    choose = frame_k_chooser(volumes, tilts, ids, frame, [2, 3], LocalReducer())
+    k, table = choose(lambda k: partitions[k])
+    assert k == 2 and not table[1]["distinct"], table

@@ -136,3 +136,13 @@ def test_easy_training_finds_both_structures_and_predict_reproduces_them(ray_clu
         final = dict(zip(saved["ids"].tolist(), saved["labels"].tolist(), strict=True))
     agree = np.mean([final[i] == label - 1 for i, label in zip(ids, star["rlnClassNumber"], strict=True)])
     assert agree >= 0.99, agree
+
+
+def test_easy_training_chooses_the_number_of_structures(ray_cluster, easy_data, tmp_path):
+    """K unset: two workers choose it by held-out class averages (gmm.k_selection: distinct, the default)."""
+    out = tmp_path / "run"
+    summary = _run(easy_data, out, rounds=2, extra=["gmm.n_components=null", "gmm.candidates=[2, 3, 4]"])
+    assert summary["n_clusters"] == 2, summary
+    assert summary["clustering_accuracy"] >= 0.9, summary
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["n_clusters"].tolist() == [2, 2]

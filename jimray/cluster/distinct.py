@@ -39,10 +39,11 @@ from jimray.align.multiref import ReferenceScores
 from jimray.average.wedge_average import WedgeAccumulator
 from jimray.cluster.reduce import Reducer, as_reducer
 
-__all__ = ["PairTest", "id_halves", "class_half_averages", "pair_distinctness", "distinct_k"]
+__all__ = ["PairTest", "id_halves", "class_half_averages", "half_counts", "pair_distinctness", "distinct_k"]
 
 MIN_T = 4.0
 MIN_EFFECT = 0.6
+MIN_HALF = 2  # members a cluster needs in each half to be verified at all
 
 
 @dataclass
@@ -142,15 +143,23 @@ def pair_distinctness(volumes: torch.Tensor, tilts, labels: np.ndarray, halves: 
     return PairTest(t, effect, count.numpy())
 
 
+def half_counts(labels: np.ndarray, halves: np.ndarray, k: int, reducer: Reducer | None = None) -> np.ndarray:
+    """Members of every cluster in each half over all ranks ``(K, 2)``."""
+    counts = torch.zeros((k, 2), dtype=torch.float64)
+    np.add.at(counts.numpy(), (np.asarray(labels, dtype=np.int64), np.asarray(halves, dtype=np.int64)), 1.0)
+    return as_reducer(reducer).all_reduce_sum(counts).numpy().astype(np.int64)
+
+
 def distinct_k(candidates: Sequence[int], labels_for: Callable[[int], np.ndarray], volumes: torch.Tensor, tilts,
                ids: Sequence, scores: ReferenceScores,
                score: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor], reducer: Reducer | None = None,
                min_t: float = MIN_T, min_effect: float = MIN_EFFECT, seed: int = 0,
                progress: Callable[[int, PairTest], None] | None = None) -> tuple[int, list[dict]]:
     """The largest K among ``candidates`` whose partition ``labels_for(K)`` (local labels ``(n,)``) has every
-    pair of clusters distinct (:class:`PairTest`). The scan goes up from the smallest K and stops after two
-    failing K above the last that passed (larger K only split further); K above half the particles (over all
-    ranks) is not tried (each cluster needs two halves). Returns ``(K, table)`` with one row
+    pair of clusters distinct (:class:`PairTest`) and every cluster at least :data:`MIN_HALF` members in each
+    half (a smaller cluster cannot be verified, so its partition does not count as distinct). The scan goes up
+    from the smallest K and stops after two failing K above the last that passed (larger K only split
+    further); K above half the particles (over all ranks) is not tried. Returns ``(K, table)`` with one row
     per K tried (``k``, ``distinct``, the weakest pair's ``t`` and ``effect``); the smallest candidate when
     none passes. All ranks agree (every statistic is reduced)."""
     reducer = as_reducer(reducer)
@@ -166,7 +175,7 @@ def distinct_k(candidates: Sequence[int], labels_for: Callable[[int], np.ndarray
         labels = np.asarray(labels_for(k), dtype=np.int64)
         averages = class_half_averages(volumes, tilts, labels, halves, k, scores, reducer)
         test = pair_distinctness(volumes, tilts, labels, halves, averages, score, reducer)
-        ok = test.distinct(min_t, min_effect)
+        ok = test.distinct(min_t, min_effect) and bool((half_counts(labels, halves, k, reducer) >= MIN_HALF).all())
         a, b, t, effect = test.weakest() if k > 1 else (0, 0, math.inf, math.inf)
         table.append({"k": k, "distinct": ok, "weakest_pair": [a, b], "t": t, "effect": effect})
         if progress is not None:
