@@ -37,7 +37,7 @@ import torch
 
 from jimray.align.multiref import ReferenceScores
 from jimray.average.wedge_average import WedgeAccumulator
-from jimray.cluster.reduce import Reducer, as_reducer
+from jimray.cluster.reduce import Reducer, all_reduce_spectra, as_reducer
 
 __all__ = ["PairTest", "id_halves", "class_half_averages", "half_counts", "pair_distinctness", "distinct_k"]
 
@@ -106,9 +106,7 @@ def class_half_averages(volumes: torch.Tensor, tilts, labels: np.ndarray, halves
             acc = WedgeAccumulator(shape).add(volumes[members].float(), scores.rotations[members, j],
                                               scores.shifts[members, j], tilt[members])
             spectra[c, half], weights[c, half] = acc.spectrum_sum.to(torch.complex128), acc.weight_sum.double()
-    packed = reducer.all_reduce_sum(torch.cat([torch.view_as_real(spectra).reshape(-1), weights.reshape(-1)]))
-    spectra = torch.view_as_complex(packed[: spectra.numel() * 2].reshape(*spectra.shape, 2).contiguous())
-    weights = packed[spectra.numel() * 2 :].reshape(weights.shape)
+    spectra, weights = all_reduce_spectra(spectra, weights, reducer)
     return torch.fft.irfftn(spectra / weights.clamp_min(wiener_floor), s=shape, dim=(-3, -2, -1)).float()
 
 

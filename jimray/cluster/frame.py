@@ -34,7 +34,7 @@ import torch
 from jimray.align.multiref import ReferenceScores, score_references
 from jimray.average.wedge_average import WedgeAccumulator
 from jimray.cluster.pca import whitened_projection
-from jimray.cluster.reduce import Reducer, as_reducer
+from jimray.cluster.reduce import Reducer, all_reduce_spectra, as_reducer
 from jimray.cluster.seeding import kmeans_plusplus
 from jimray.geometry.rigid import voxel_grid
 
@@ -178,9 +178,7 @@ def update_references(volumes: torch.Tensor, tilts, scores: ReferenceScores, opt
         acc = WedgeAccumulator(shape).add(volumes[members].float(), scores.rotations[members, j],
                                           scores.shifts[members, j], tilts[members])
         spectra[j], weights[j] = acc.spectrum_sum.to(torch.complex128), acc.weight_sum.double()
-    packed = reducer.all_reduce_sum(torch.cat([torch.view_as_real(spectra).reshape(-1), weights.reshape(-1)]))
-    spectra = torch.view_as_complex(packed[: spectra.numel() * 2].reshape(*spectra.shape, 2).contiguous())
-    weights = packed[spectra.numel() * 2 :].reshape(weights.shape)
+    spectra, weights = all_reduce_spectra(spectra, weights, reducer)
     refs = torch.fft.irfftn(spectra / weights.clamp_min(options.wiener_floor), s=shape, dim=(-3, -2, -1)).float()
     empty = weights.sum(dim=(1, 2, 3)) == 0
     refs[empty] = previous[empty].float()

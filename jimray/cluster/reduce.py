@@ -151,3 +151,13 @@ def as_reducer(reducer: Reducer | None) -> Reducer:
                 f"reducer {type(reducer).__name__} lacks {name}(); use LocalReducer or TorchDistributedReducer"
             )
     return reducer
+
+
+def all_reduce_spectra(spectra: torch.Tensor, weights: torch.Tensor, reducer: Reducer
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum complex Fourier sums ``spectra`` and real ``weights`` (any shapes) over all ranks in one collective;
+    returns them summed, with their shapes (complex128 / float64)."""
+    spectra, weights = spectra.to(torch.complex128), weights.to(torch.float64)
+    packed = reducer.all_reduce_sum(torch.cat([torch.view_as_real(spectra).reshape(-1), weights.reshape(-1)]))
+    summed = torch.view_as_complex(packed[: spectra.numel() * 2].reshape(*spectra.shape, 2).contiguous())
+    return summed, packed[spectra.numel() * 2 :].reshape(weights.shape)

@@ -191,7 +191,10 @@ def plot_rounds(path: Path, rounds: list[dict]) -> Path:
     fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(7.5 if has_accuracy else 4, 3.0), squeeze=False)
     x = [r["round"] for r in rounds]
     axes[0, 0].plot(x, [r["K"] for r in rounds], "o-")
-    axes[0, 0].set(xlabel="round", ylabel="K", title="clusters found per round")
+    ks = [r["K"] for r in rounds]
+    axes[0, 0].set(xlabel="round", ylabel="K", title="clusters found per round",
+                   ylim=(min(ks) - 1.5, max(ks) + 1.5) if ks else None)
+    axes[0, 0].yaxis.get_major_locator().set_params(integer=True)  # K is a count: whole-number ticks
     axes[0, 0].set_xticks(x)
     if has_accuracy:
         axes[0, 1].plot(x, [100 * r.get("accuracy", float("nan")) for r in rounds], "s-", color="tab:green")
