@@ -236,13 +236,11 @@ def _refine_pair_poses(volumes: torch.Tensor, tilts: np.ndarray, frame, which: t
     ``frame.references[which]``: the frame's grid pose refined locally (:func:`jimray.align.multiref.
     refine_poses`, three rounds of 27 rotations from 15 degrees) at :data:`PAIR_REFINE_LOWPASS`."""
     from jimray.align.multiref import refine_poses
-    from jimray.cluster.frame import normalised_volumes, spherical_mask
+    from jimray.cluster.frame import masked_references, normalised_volumes
 
     idx = torch.arange(volumes.shape[0])
-    shape = tuple(volumes.shape[-3:])
-    mask = spherical_mask(shape, frame.options.mask_radius_fraction * min(shape))
-    rot, shift, _ = refine_poses(normalised_volumes(volumes.float()), normalised_volumes(frame.references * mask),
-                                 which, scores.rotations[idx, which], tilts,
+    rot, shift, _ = refine_poses(normalised_volumes(volumes.float()), masked_references(frame.references,
+                                 frame.options), which, scores.rotations[idx, which], tilts,
                                  max_shift_voxels=frame.options.max_shift_voxels,
                                  lowpass_cycles_per_voxel=PAIR_REFINE_LOWPASS)
     return rot, shift
@@ -260,13 +258,19 @@ def _frame_k(ds: Dataset, embedding: torch.Tensor, frame, seed: int) -> dict:
     defaults = GMMConfig()
     ids, tilts = np.arange(len(ds.classes)), np.full(len(ds.classes), ds.tilt_range_degrees, np.float32)
     choose = frame_k_chooser(ds.volumes, tilts, ids, frame, list(K_CANDIDATES), LocalReducer(), seed)
-    k, table = choose(lambda k: consensus_mixture(embedding.double(), k, seed=seed,
-                                                  restarts=defaults.consensus_restarts)[0])
+    partitions: dict[int, np.ndarray] = {}
+
+    def labels_for(k: int) -> np.ndarray:
+        if k not in partitions:
+            partitions[k] = consensus_mixture(embedding.double(), k, seed=seed,
+                                              restarts=defaults.consensus_restarts)[0]
+        return partitions[k]
+
+    k, table = choose(labels_for)
     k_heldout, _ = select_k(embedding.double(), K_CANDIDATES, seed=seed, restarts=defaults.consensus_restarts,
                             score_dims=defaults.selection_pca_dims)
-    chosen = consensus_mixture(embedding.double(), k, seed=seed, restarts=defaults.consensus_restarts)[0]
     return {"k_selected": k, "k_heldout_likelihood": k_heldout,
-            "accuracy_k_selected": round(100.0 * clustering_accuracy(ds.classes, chosen), 1),
+            "accuracy_k_selected": round(100.0 * clustering_accuracy(ds.classes, labels_for(k)), 1),
             "k_scan": {row["k"]: [row["distinct"], round(row["t"], 1), round(row["effect"], 2)] for row in table}}
 
 

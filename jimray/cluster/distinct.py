@@ -151,8 +151,7 @@ def half_counts(labels: np.ndarray, halves: np.ndarray, k: int, reducer: Reducer
 def distinct_k(candidates: Sequence[int], labels_for: Callable[[int], np.ndarray], volumes: torch.Tensor, tilts,
                ids: Sequence, scores: ReferenceScores,
                score: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor], reducer: Reducer | None = None,
-               min_t: float = MIN_T, min_effect: float = MIN_EFFECT, seed: int = 0,
-               progress: Callable[[int, PairTest], None] | None = None) -> tuple[int, list[dict]]:
+               min_t: float = MIN_T, min_effect: float = MIN_EFFECT, seed: int = 0) -> tuple[int, list[dict]]:
     """The largest K among ``candidates`` whose partition ``labels_for(K)`` (local labels ``(n,)``) has every
     pair of clusters distinct (:class:`PairTest`) and every cluster at least :data:`MIN_HALF` members in each
     half (a smaller cluster cannot be verified, so its partition does not count as distinct). The scan goes up
@@ -176,8 +175,6 @@ def distinct_k(candidates: Sequence[int], labels_for: Callable[[int], np.ndarray
         ok = test.distinct(min_t, min_effect) and bool((half_counts(labels, halves, k, reducer) >= MIN_HALF).all())
         a, b, t, effect = test.weakest() if k > 1 else (0, 0, math.inf, math.inf)
         table.append({"k": k, "distinct": ok, "weakest_pair": [a, b], "t": t, "effect": effect})
-        if progress is not None:
-            progress(k, test)
         if ok:
             chosen, fails_after_pass = k, 0
         elif any(row["distinct"] for row in table):

@@ -38,7 +38,8 @@ from jimray.cluster.reduce import Reducer, all_reduce_spectra, as_reducer
 from jimray.cluster.seeding import kmeans_plusplus
 from jimray.geometry.rigid import voxel_grid
 
-__all__ = ["FrameOptions", "FrameStats", "spherical_mask", "normalised_volumes", "choose_seeds", "gather_volumes",
+__all__ = ["FrameOptions", "FrameStats", "spherical_mask", "normalised_volumes", "masked_references",
+           "choose_seeds", "gather_volumes",
            "frame_scores", "update_references", "frame_embedding", "apply_frame_stats"]
 
 
@@ -127,13 +128,19 @@ def gather_volumes(volumes: torch.Tensor, ids: np.ndarray, wanted: np.ndarray, r
     return reducer.all_reduce_sum(out)
 
 
+def masked_references(references: torch.Tensor, options: FrameOptions) -> torch.Tensor:
+    """References ``(R, d, h, w)`` as every frame score sees them: times the soft sphere of
+    ``options.mask_radius_fraction`` of the box, then normalised (:func:`normalised_volumes`)."""
+    shape = tuple(references.shape[-3:])
+    mask = spherical_mask(shape, options.mask_radius_fraction * min(shape)).to(references.dtype)
+    return normalised_volumes(references.float() * mask)
+
+
 def frame_scores(volumes: torch.Tensor, tilts, references: torch.Tensor, options: FrameOptions,
                  reference_tilt_range_degrees: float = 90.0) -> ReferenceScores:
     """Best aligned score, rotation and shift of every particle ``(n, d, h, w)`` against every reference
     ``(R, d, h, w)`` (masked); ``reference_tilt_range_degrees`` < 90 when the references are single particles."""
-    shape = tuple(references.shape[-3:])
-    mask = spherical_mask(shape, options.mask_radius_fraction * min(shape)).to(references.dtype)
-    return score_references(normalised_volumes(volumes.float()), normalised_volumes(references.float() * mask), tilts,
+    return score_references(normalised_volumes(volumes.float()), masked_references(references, options), tilts,
                             angular_step_degrees=options.angular_step_degrees,
                             max_shift_voxels=options.max_shift_voxels,
                             lowpass_cycles_per_voxel=options.lowpass_cycles_per_voxel,

@@ -190,8 +190,8 @@ def plot_rounds(path: Path, rounds: list[dict]) -> Path:
     has_accuracy = any("accuracy" in r for r in rounds)
     fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(7.5 if has_accuracy else 4, 3.0), squeeze=False)
     x = [r["round"] for r in rounds]
-    axes[0, 0].plot(x, [r["K"] for r in rounds], "o-")
     ks = [r["K"] for r in rounds]
+    axes[0, 0].plot(x, ks, "o-")
     axes[0, 0].set(xlabel="round", ylabel="K", title="clusters found per round",
                    ylim=(min(ks) - 1.5, max(ks) + 1.5) if ks else None)
     axes[0, 0].yaxis.get_major_locator().set_params(integer=True)  # K is a count: whole-number ticks

@@ -102,9 +102,9 @@ def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reduc
     larger sets are fitted with all-reduced statistics."""
     fit_rows, fit_reducer = _fitting_set(embeddings, config, reducer)
     kwargs = _member_kwargs(config)
-    rules: dict[int, tuple[np.ndarray, GaussianMixture, PCAState]] = {}
+    rules: dict[int, tuple[np.ndarray, GaussianMixture, PCAState, torch.Tensor]] = {}
 
-    def rule(kk: int) -> tuple[np.ndarray, GaussianMixture, PCAState]:
+    def rule(kk: int) -> tuple[np.ndarray, GaussianMixture, PCAState, torch.Tensor]:
         if kk not in rules:
             rules[kk] = _consensus_rule(embeddings, fit_rows, fit_reducer, kk, config, reducer, kwargs)
         return rules[kk]
@@ -116,16 +116,15 @@ def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reduc
                              seed=config.seed, reducer=fit_reducer, restarts=config.consensus_restarts,
                              score_dims=config.selection_pca_dims, **kwargs)
         k = int(reducer.broadcast(torch.tensor([k], dtype=torch.int64))[0]) if reducer.world_size > 1 else k
-    labels, gmm, pca = rule(k)
-    z = torch.as_tensor(pca.transform(embeddings.double()))
+    labels, gmm, pca, z = rule(k)
     return ClusterState(labels, k, float(gmm.bic(z, reducer=reducer)), gmm, pca)
 
 
 def _consensus_rule(embeddings: torch.Tensor, fit_rows: torch.Tensor, fit_reducer: Reducer, k: int,
                     config: GMMConfig, reducer: Reducer, kwargs: dict
-                    ) -> tuple[np.ndarray, GaussianMixture, PCAState]:
+                    ) -> tuple[np.ndarray, GaussianMixture, PCAState, torch.Tensor]:
     """The consensus mixture of ``k`` clusters fitted on ``fit_rows``, identical on every rank (broadcast from
-    rank 0), and the local labels ``(n,)`` it gives ``embeddings``."""
+    rank 0), the local labels ``(n,)`` it gives ``embeddings`` and their projection ``z``."""
     _, gmm, pca = consensus_mixture(fit_rows, k, config.consensus_dims, config.consensus_seeds, seed=config.seed,
                                     reducer=fit_reducer, restarts=config.consensus_restarts, **kwargs)
     if reducer.world_size > 1:  # every rank must hold the same rule (and K: the heads are resized by it)
@@ -135,7 +134,7 @@ def _consensus_rule(embeddings: torch.Tensor, fit_rows: torch.Tensor, fit_reduce
         pca = PCAState(reducer.broadcast(pca.mean.contiguous()), reducer.broadcast(pca.components.contiguous()),
                        reducer.broadcast(pca.explained_variance.contiguous()), pca.n_samples, pca.backend)
     z = torch.as_tensor(pca.transform(embeddings.double()))
-    return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca
+    return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca, z
 
 
 def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer) -> tuple[torch.Tensor, Reducer]:

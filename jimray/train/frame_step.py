@@ -29,6 +29,7 @@ from jimray.cluster.frame import (
 )
 from jimray.cluster.invariant import invariant_features
 from jimray.cluster.reduce import Reducer
+from jimray.train.clustering import KChooser
 
 
 @dataclass
@@ -98,8 +99,7 @@ def frame_step(volumes: torch.Tensor, tilts: np.ndarray, ids: np.ndarray, box_si
 
 
 def frame_k_chooser(volumes: torch.Tensor, tilts: np.ndarray, ids: np.ndarray, frame: FrameRound,
-                    candidates: list[int], reducer: Reducer, seed: int = 0
-                    ) -> Callable[[Callable[[int], np.ndarray]], tuple[int, list[dict]]]:
+                    candidates: list[int], reducer: Reducer, seed: int = 0) -> KChooser:
     """``choose(labels_for) -> (K, table)``: K by held-out class averages (:func:`jimray.cluster.distinct.
     distinct_k`) over this worker's ``volumes (n, d, h, w)`` and the round's frame scores, for partitions
     ``labels_for(K)`` (local labels) of the round's clustering rule."""
