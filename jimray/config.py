@@ -114,6 +114,13 @@ class TrainConfig(_Strict):
     init_from: str | None = Field(
         None, description="start from this pretrained model (`jimray pretrain`'s pretrained.pt); None = random"
     )
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "fp32",
+        description="numeric precision of each training step, rounds and `jimray pretrain` (jimray.precision): "
+        "fp32 = torch's defaults, nothing changed; tf32 = on CUDA, matmuls and cuDNN convolutions as TensorFloat-32 "
+        "(no effect on CPU); bf16 = forward and loss under torch.autocast bfloat16 on the device (CUDA or CPU), "
+        "FFTs, resampling and pose fits kept in float32, float32 weights, no loss scaling needed",
+    )
     seed: int = 0
 
 

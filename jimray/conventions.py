@@ -47,6 +47,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from jimray.cluster.labels import clustering_accuracy  # noqa: F401  (the paper's metric, defined with the matching)
+from jimray.precision import float32_region
 
 MAX_ROTATION_ERROR = float(2.0 * np.sqrt(2.0))
 
@@ -103,6 +104,7 @@ def origin_angstrom_to_shift(origin_angstrom: np.ndarray, voxel_size_angstrom: f
     return -np.asarray(origin_angstrom, dtype=np.float64) / float(voxel_size_angstrom)
 
 
+@float32_region
 def compose_poses(
     first_rotation: torch.Tensor, first_shift: torch.Tensor, then_rotation: torch.Tensor, then_shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +117,7 @@ def compose_poses(
     return rotation, shift
 
 
+@float32_region
 def invert_pose(rotation: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of a pose ``(R, t)``: ``(R^T, -R^T t)``. Shapes ``(b, 3, 3)`` and ``(b, 3)``."""
     inv = rotation.transpose(-1, -2)

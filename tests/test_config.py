@@ -52,3 +52,10 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jimray", "train", str(job)], capture_output=True, text=True)
     assert done.returncode == 2
     assert "unknown key 'modle'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_train_precision_choices():
+    assert load_job(None).train.precision == "fp32"  # the default changes nothing
+    assert load_job(None, ["train.precision=bf16"]).train.precision == "bf16"
+    with pytest.raises(ConfigError, match=r"train.precision: Input should be 'fp32', 'tf32' or 'bf16'"):
+        load_job(None, ["train.precision=fp16"])

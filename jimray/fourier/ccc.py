@@ -11,6 +11,7 @@ import torch
 
 from jimray.fourier.masks import lowpass_mask, wedge_masks
 from jimray.geometry.rigid import rotate_fourier_masks
+from jimray.precision import float32_region
 
 
 def _centered_spectrum(volumes: torch.Tensor) -> torch.Tensor:
@@ -27,6 +28,7 @@ def hermitian_symmetric(masks: torch.Tensor) -> torch.Tensor:
     return masks * mirrored
 
 
+@float32_region
 def constrained_ccc(
     source_transformed: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8
 ) -> torch.Tensor:
@@ -59,6 +61,7 @@ def constrained_ccc(
     return cross / torch.sqrt(s_power * t_power + eps)
 
 
+@float32_region
 def alignment_mask(
     target_tilt_range_degrees: torch.Tensor,
     source_tilt_range_degrees: torch.Tensor,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from jimray.precision import float32_region
+
 
 def _crop_slices(size_in: int, size_out: int) -> slice:
     start = size_in // 2 - size_out // 2
     return slice(start, start + size_out)
 
 
+@float32_region
 def spectral_pool(features: torch.Tensor, size: tuple[int, int, int] | int) -> torch.Tensor:
     """Resample ``features`` ``(b, c, d, h, w)`` to ``(b, c, *size)`` by cropping the centred spectrum.
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import torch
 
 from jimray.geometry.rotation_repr import six_d_to_matrix
+from jimray.precision import float32_region
 
 NEWTON_ITERATIONS = 14
 
 
+@float32_region
 def polar_rotation(matrices: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Nearest rotation to each ``(b, 3, 3)`` matrix: its orthogonal polar factor, or (where that is a
     reflection) the Gram-Schmidt rotation of its first two columns. ``eps`` (relative) keeps singular inputs
@@ -41,6 +43,7 @@ def polar_rotation(matrices: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return torch.where(proper, x, fallback)
 
 
+@float32_region
 def fit_rigid_soft(
     source_points: torch.Tensor, target_points: torch.Tensor, pair_weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +73,7 @@ def fit_rigid_soft(
     return rotation, shift
 
 
+@float32_region
 def fit_rigid(
     source_points: torch.Tensor, target_points: torch.Tensor, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from jimray.conventions import box_center
+from jimray.precision import float32_region
 
 
 def _check_batch(volumes: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor | None) -> None:
@@ -44,6 +45,7 @@ def _sample(volumes: torch.Tensor, positions: torch.Tensor, padding_mode: str, m
     return out.squeeze(1)
 
 
+@float32_region
 def transform_volumes(
     volumes: torch.Tensor,
     rotations: torch.Tensor,

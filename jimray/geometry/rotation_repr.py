@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from jimray.precision import float32_region
+
 IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 IDENTITY_QUATERNION = (1.0, 0.0, 0.0, 0.0)
 
 
+@float32_region
 def six_d_to_matrix(six_d: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """6D representation (Zhou et al. 2019) ``(b, 6)`` -> rotation matrices ``(b, 3, 3)``.
 
@@ -29,6 +32,7 @@ def six_d_to_matrix(six_d: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return torch.stack([b1, b2, b3], dim=-1)
 
 
+@float32_region
 def quaternion_to_matrix(quaternions: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Quaternions ``(b, 4)`` = ``(w, x, y, z)`` (normalised here; need not be unit) -> ``(b, 3, 3)``.
 

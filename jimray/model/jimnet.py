@@ -39,6 +39,7 @@ from jimray.geometry.rotation_repr import (
 from jimray.model.blocks import FeatureExtractor, PoseRegressor
 from jimray.model.correlation import cosine_correlation, global_correlation_map, local_correlation
 from jimray.model.decoders import ProcrustesDecoder, bound_shift, feature_grid_positions, local_offsets
+from jimray.precision import float32_region
 
 
 @dataclass
@@ -103,6 +104,7 @@ class JimNet(nn.Module):
         old = self.cluster_head
         self.cluster_head = nn.Linear(old.in_features, n_clusters).to(device=old.weight.device, dtype=old.weight.dtype)
 
+    @float32_region  # under bf16 autocast: identity + a small raw correction needs float32
     def _decode(self, raw: torch.Tensor, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_rot = self.rotation_identity.numel()
         params = raw[:, :n_rot] + self.rotation_identity.to(raw.dtype)

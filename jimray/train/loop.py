@@ -26,12 +26,12 @@ from jimray.cluster import labels as matching
 from jimray.cluster.reduce import LocalReducer, TorchDistributedReducer
 from jimray.config import JobConfig
 from jimray.model.jimnet import JimNet
-from jimray.model.losses import jimnet_loss
 from jimray.train import rounds
 from jimray.train.clustering import ClusterState, cluster_embeddings
 from jimray.train.frame_step import FrameRound, frame_k_chooser, frame_step
 from jimray.train.pretrain import load_pretrained_weights
 from jimray.train.state import RoundState, load_pretrained, load_round_state, save_round_state
+from jimray.train.step import pair_step
 
 # Test hook, read by the driver from the environment: "round=R,rank=K,marker=/path" makes worker K die once
 # in the middle of round R (the marker file records that it happened and stops it happening again).
@@ -125,9 +125,9 @@ def _train_pass(ctx: _Context, ddp_model, optimizer, lowpass: float) -> dict[str
             target_volumes[alone], target_tilts[alone] = source_np[alone], source_tilts[alone]
             source = torch.from_numpy(source_np).to(ctx.device)
             target = torch.from_numpy(target_volumes).to(ctx.device)
-            out = ddp_model(source, target)
-            terms = jimnet_loss(
-                out,
+            terms = pair_step(  # train.precision: fp32, tf32 or bf16 autocast (jimray.precision)
+                ddp_model,
+                optimizer,
                 source,
                 target,
                 torch.as_tensor(source_tilts, device=ctx.device),
@@ -136,12 +136,10 @@ def _train_pass(ctx: _Context, ddp_model, optimizer, lowpass: float) -> dict[str
                 cfg.gamma,
                 cfg.lambda_reg,
                 lowpass,
+                cfg.precision,
             )
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
             for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+                sums[key] = sums.get(key, 0.0) + float(value)
             steps += 1
     keys = sorted(sums)
     reduced = ctx.reducer.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(steps)], dtype=torch.float64))
@@ -293,7 +291,7 @@ def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterSta
     previous = _previous_labels(ctx, local.ids, first_round=cluster_prev is None)
     prev_k = None if cluster_prev is None else cluster_prev.n_clusters
     cluster = cluster_embeddings(local.embeddings, config.gmm, ctx.reducer, previous, prev_k,
-                                 _k_chooser(ctx, local, frame))
+                                 _k_chooser(ctx, local, frame), ids=local.ids)
     local.volumes = None
     if frame is not None:
         frame.scores = None

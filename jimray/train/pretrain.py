@@ -22,9 +22,11 @@ import numpy as np
 import torch
 
 from jimray.conventions import rotation_error, translation_error
-from jimray.model import JimNet, jimnet_loss
+from jimray.model import JimNet
 from jimray.model.multistart import anchor_rotations, multistart_align
+from jimray.precision import PRECISIONS
 from jimray.simulate.pairs import PairBatch, simulate_pairs
+from jimray.train.step import pair_step
 
 FULL_RANGE = 180.0
 HELD_OUT_SEED = 10_000_000
@@ -42,8 +44,11 @@ class PairTraining:
     eval_pairs: int = 32
     eval_every: int = 200
     seed: int = 0
+    precision: str = "fp32"  # of every training step: fp32, tf32 or bf16 (jimray.precision, train.precision)
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.curriculum:
             raise ValueError("the curriculum needs at least one (angle, steps) stage")
         for angle, steps in self.curriculum:
@@ -148,15 +153,11 @@ class HeldOutPairs:
 
 
 def alignment_step(model: JimNet, optimizer, pairs: PairBatch, plan: PairTraining) -> float:
-    """One optimiser step of the alignment loss alone on ``pairs``; returns the loss."""
-    out = model(pairs.source, pairs.target)
+    """One optimiser step of the alignment loss alone on ``pairs`` at ``plan.precision``; returns the loss."""
     tilts = torch.full((len(pairs.source),), plan.tilt_range_degrees, device=pairs.source.device)
-    terms = jimnet_loss(out, pairs.source, pairs.target, tilts, tilts, None, [1.0] * len(out.warped), 0.0,
-                        model.config.lowpass_cycles_per_voxel)  # fmt: skip
-    optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
-    optimizer.step()
-    return float(terms["total"].detach())
+    terms = pair_step(model, optimizer, pairs.source, pairs.target, tilts, tilts, None, [1.0] * model.config.stages,
+                      0.0, model.config.lowpass_cycles_per_voxel, plan.precision)  # fmt: skip
+    return float(terms["total"])
 
 
 def train_on_pairs(

@@ -29,7 +29,7 @@ def plan_from_job(config: JobConfig) -> PairTraining:
     p, d = config.pretrain, config.data
     return PairTraining(snr=p.snr, tilt_range_degrees=d.tilt_range_degrees, curriculum=[tuple(s) for s in p.curriculum],
                         batch_size=p.batch_size, lr=p.lr, eval_pairs=p.eval_pairs, eval_every=p.eval_every,
-                        seed=p.seed)  # fmt: skip
+                        seed=p.seed, precision=config.train.precision)  # fmt: skip
 
 
 def reference_maps(config: JobConfig) -> dict[str, torch.Tensor]:
