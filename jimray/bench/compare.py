@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import typer
 from rich.console import Console
 
-from jimray.bench import jimnet_method
+from jimray.bench import jimnet_method, peer  # peer: registers the opt-in pytme rows
 from jimray.bench.common import markdown_table, timer, write_results
 from jimray.bench.methods import PAPER_SNRS, CompareOptions, Dataset, MethodResult, registered_methods
 from jimray.conventions import clustering_accuracy, compose_poses, invert_pose, rotation_error, translation_error
@@ -401,7 +402,8 @@ def register(bench_app: typer.Typer) -> None:
         angular_step: float = typer.Option(30.0, help="classical search grid step, degrees"),
         mra_iterations: int = typer.Option(3, help="MRA iterations"),
         frame_rounds: int = typer.Option(5, help="common frame (jimray): mode-seeking rounds"),
-        methods: str = typer.Option("", help="comma-separated substrings of method names to run (default all)"),
+        methods: str = typer.Option("", help="comma-separated substrings of method names to run (default all but "
+                                    "the pytme peer rows, which run when named: 'pytme')"),
         seed: int = typer.Option(0, help="simulation and method seed"),
         out: str = typer.Option("benchmarks", help="folder for compare.json and compare.md"),
         jimnet_rounds: int = typer.Option(3, help="Jim-Net (measured): training rounds per level"),
@@ -416,13 +418,15 @@ def register(bench_app: typer.Typer) -> None:
                               mra_iterations=mra_iterations, frame_rounds=frame_rounds, seed=seed,
                               jimnet_rounds=jimnet_rounds,
                               jimnet_epochs=jimnet_epochs, jimnet_job=jimnet_job or None,
-                              jimnet_init=jimnet_init or None)
+                              jimnet_init=jimnet_init or None, pytme="pytme" in methods.lower())
         from jimray.cli.errors import UserError
 
         try:
             maps = compare_maps(opts)
         except ValueError as exc:
             raise UserError(f"--structures: {exc}") from None
+        if opts.pytme and not peer.pytme_peer.pytme_available():
+            raise UserError(f"--methods names pytme, which is not installed: {peer.pytme_peer.INSTALL_HINT}")
         only = [m.strip() for m in methods.split(",") if m.strip()] or None
         rows = jimnet_method.add_speedups(run_compare(opts, only, maps))
         note = (f"{len(maps)} classes x {per_class} subtomograms per level, {pairs} same-class pairs, box "
@@ -442,38 +446,78 @@ def register(bench_app: typer.Typer) -> None:
     register_speed(bench_app)
 
 
-def search_speed(steps: tuple[float, ...], binnings: tuple[int, ...], pairs: int, box_size: int = 32,
-                 snr: float = 0.1, seed: int = 0) -> list[dict]:
-    """Wall seconds per pair (:func:`align_pairs`, both wedged) and per particle against one shared reference
-    (:func:`align_to_reference`, the MRA inner loop) of the constrained-CC search, with accuracy."""
-    from jimray.baselines.search import align_pairs, align_to_reference, so3_grid
+def speed_level(pairs: int, box_size: int = 32, snr: float = 0.1, seed: int = 0) -> tuple[Dataset, torch.Tensor]:
+    """The compare-speed data: ``pairs`` same-class ribosome pairs and ``2 * pairs`` particles (SNR ``snr``, tilt
+    range 60), and the wedge-free ribosome map ``(d, h, w)`` (the shared reference)."""
+    from jimray.simulate.embedded import embedded_maps
 
     opts = CompareOptions(structures=("6zu5_ribosome",), per_class=2 * pairs, pairs=pairs, box_size=box_size,
                           seed=seed)
-    from jimray.simulate.embedded import embedded_maps
-
     reference = next(iter(embedded_maps(box_size=box_size, names=list(opts.structures)).values()))
-    ds = make_dataset(snr, opts, [reference])
+    return make_dataset(snr, opts, [reference]), reference
+
+
+def search_speed(steps: tuple[float, ...], binnings: tuple[int, ...], pairs: int, box_size: int = 32,
+                 snr: float = 0.1, seed: int = 0, level: tuple[Dataset, torch.Tensor] | None = None) -> list[dict]:
+    """Wall seconds per pair (:func:`align_pairs`, both wedged) and per particle against one shared reference
+    (:func:`align_to_reference`, the MRA inner loop) of the constrained-CC search, with accuracy; on ``level``
+    (:func:`speed_level`, made here when None). ``cpu_seconds_per_pair``: the process's CPU time per pair (all
+    its threads; on a shared machine less inflated by other jobs than the wall time)."""
+    from jimray.baselines.search import align_pairs, align_to_reference, so3_grid
+
+    ds, reference = level if level is not None else speed_level(pairs, box_size, snr, seed)
     src, tgt = ds.volumes[ds.pairs[:, 0]], ds.volumes[ds.pairs[:, 1]]
     parts = ds.volumes[:pairs]
     rows = []
     for step in steps:
         for binning in binnings:
             kw = dict(angular_step_degrees=step, coarse_binning=binning)
+            cpu = time.process_time()
             with timer() as t_pair:
                 res = align_pairs(src, tgt, 60.0, 60.0, **kw)
+            cpu = time.process_time() - cpu
             with timer() as t_ref:
                 ref_res = align_to_reference(parts, reference, 60.0, 90.0, **kw)
             rows.append({
+                "method": "constrained-CC search (jimray)",
                 "box": box_size, "snr": snr, "angular_step_degrees": step, "coarse_binning": binning,
                 "rotations": int(so3_grid(step).shape[0]), "refine_rotations": 4 * 27, "n": pairs,
                 "seconds_per_pair": t_pair() / pairs, "seconds_per_particle_shared_reference": t_ref() / pairs,
+                "cpu_seconds_per_pair": cpu / pairs,
                 "pair_rotation_error_mean": float(rotation_error(ds.pair_rotations, res.rotations).mean()),
                 "reference_rotation_error_mean": float(rotation_error(ds.rotations[:pairs], ref_res.rotations).mean()),
                 "torch_threads": torch.get_num_threads(),
             })
             console.print(rows[-1])
     return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """Every key of ``rows``, in order of first appearance."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def _pytme_rows(level, steps, wedges, snr) -> tuple[list[dict], str]:
+    """The pytme rows (:func:`jimray.bench.peer.pytme_speed_rows`) on the same ``level``, and a note (threads;
+    or why there are none)."""
+    if not wedges:
+        return [], ""
+    if not peer.pytme_peer.pytme_available():
+        return [], f"No pytme rows: pytme is not installed ({peer.pytme_peer.INSTALL_HINT}).\n\n"
+    rows = peer.pytme_speed_rows(*level, steps, wedges, snr)
+    for row in rows:
+        console.print(row)
+    return rows, peer.THREAD_NOTE.format(version=peer.pytme_peer.PYTME_VERSION) + "\n\n"
+
+
+def _wedge_filters(text: str, enabled: bool) -> tuple[str, ...]:
+    wedges = tuple(w.strip() for w in text.split(",") if w.strip()) if enabled else ()
+    bad = [w for w in wedges if w not in peer.pytme_peer.WEDGE_FILTERS]
+    if bad:
+        from jimray.cli.errors import UserError
+
+        raise UserError(f"--pytme-wedges: {bad} not among {list(peer.pytme_peer.WEDGE_FILTERS)}")
+    return wedges
 
 
 def register_speed(bench_app: typer.Typer) -> None:
@@ -484,14 +528,26 @@ def register_speed(bench_app: typer.Typer) -> None:
         pairs: int = typer.Option(2, help="pairs (and particles) timed per setting"),
         box: int = typer.Option(32, help="box size"),
         threads: int = typer.Option(0, help="torch threads (0 = default)"),
+        pytme: bool = typer.Option(True, help="pytme peer rows (when installed: jimray's 'peer' extra)"),
+        pytme_wedges: str = typer.Option("none,target", help="pytme wedge filters: none, target (on the template)"),
+        jimnet_model: str = typer.Option("", help="a `jimray pretrain` model for the Jim-Net single-pass row "
+                                         "(default: an untrained network, its time only)"),
         out: str = typer.Option("benchmarks", help="folder for compare_speed.json and .md"),
     ) -> None:
-        """Per-pair CPU/GPU time of the classical constrained-CC search (SNR 0.1, tilt 60, ribosome)."""
+        """Per-pair CPU/GPU time and rotation error of the classical constrained-CC search, the pytme peer and
+        Jim-Net's single pass on the same pairs (SNR 0.1, tilt 60, ribosome)."""
         if threads > 0:
             torch.set_num_threads(threads)
-        rows = search_speed(_floats(steps), tuple(int(b) for b in _floats(binnings)), pairs, box)
+        wedges = _wedge_filters(pytme_wedges, pytme)
+        level = speed_level(pairs, box)
+        jimnet = peer.jimnet_speed_row(level[0], jimnet_model or None, 0.1)  # first: a bad model fails fast
+        console.print(jimnet)
+        rows = search_speed(_floats(steps), tuple(int(b) for b in _floats(binnings)), pairs, box, level=level)
+        pytme_rows, note = _pytme_rows(level, _floats(steps), wedges, 0.1)
+        rows += [*pytme_rows, jimnet]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        md = f"Load average at the end: {load:.1f}.\n\n" + markdown_table(rows, list(rows[0]))
+        md = (f"Load average at the end: {load:.1f}.\n\n" + note + peer.ratio_note(rows)
+              + markdown_table(rows, _columns(rows)))
         args = " ".join(sys.argv[3:])
         write_results(out, "compare_speed", {"rows": rows}, md, f"jimray bench compare-speed {args}".strip())
         typer.echo(md)

@@ -70,6 +70,7 @@ class CompareOptions:
     jimnet_job: str | None = None  # job YAML ('{snr}' = the level) instead of the jobs/snr_*.yaml defaults
     jimnet_overrides: tuple[str, ...] = ()  # extra --set strings for the Jim-Net job
     jimnet_init: str | None = None  # a `jimray pretrain` model: adds the "Jim-Net (measured, pretrained)" rows
+    pytme: bool = False  # the pytme peer rows (jimray.bench.peer; slow, opt-in: `--methods pytme`)
 
 
 Method = Callable[[Dataset], MethodResult]
