@@ -101,6 +101,7 @@ def choose_seeds(features: torch.Tensor, ids: np.ndarray, n_seeds: int, seed: in
     rows = torch.cat([torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None], z.double()], dim=1)
     generator = torch.Generator().manual_seed(int(seed))
     pool = reducer.gather_sample(rows, sample, generator)
+    pool = pool[torch.argsort(pool[:, 0], stable=True)]  # id order: the seeds do not hang on how rows are spread
     if pool.shape[0] < n_seeds:
         raise ValueError(f"the common frame needs at least n_references={n_seeds} subtomograms, got "
                          f"{pool.shape[0]}: lower --set frame.n_references")

@@ -72,13 +72,16 @@ def cluster_embeddings(
     previous_labels: np.ndarray | None,
     previous_k: int | None,
     choose_k: KChooser | None = None,
+    ids: np.ndarray | None = None,
 ) -> ClusterState:
     """Fit PCA + GMM on the global set of embeddings; returns local labels (before matching to last round).
     ``choose_k(labels_for) -> (K, table)`` picks K (when ``config.n_components`` is None) from the partitions
     ``labels_for(K)`` of the consensus rule, e.g. by held-out class averages (``gmm.k_selection: distinct``,
-    :func:`jimray.train.frame_step.frame_k_chooser`); without it K is chosen by held-out likelihood."""
+    :func:`jimray.train.frame_step.frame_k_chooser`); without it K is chosen by held-out likelihood. ``ids``
+    (n,) of the local rows: the consensus is fitted on the rows in id order, so that it does not depend on how
+    the rows are spread over the workers or ordered on them."""
     if config.consensus_dims:
-        return _consensus(embeddings, config, config.n_components, reducer, choose_k)
+        return _consensus(embeddings, config, config.n_components, reducer, choose_k, ids)
     z, pca = whitened_projection(embeddings, config.pca_dims, reducer)
     kwargs = gmm_kwargs(config)
     if config.n_components is None:
@@ -95,12 +98,12 @@ def cluster_embeddings(
 
 
 def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reducer: Reducer,
-               choose_k: KChooser | None = None) -> ClusterState:
+               choose_k: KChooser | None = None, ids: np.ndarray | None = None) -> ClusterState:
     """K clusters (K chosen by ``choose_k`` or :func:`select_k` when None) by the consensus of the ensemble, as
     one diagonal mixture on the whitened embedding. A set of at most ``gmm.init_sample`` rows is gathered to
     every rank and fitted there (identically, no collective per EM step: the ensemble runs thousands of them);
     larger sets are fitted with all-reduced statistics."""
-    fit_rows, fit_reducer = _fitting_set(embeddings, config, reducer)
+    fit_rows, fit_reducer = _fitting_set(embeddings, config, reducer, ids)
     kwargs = _member_kwargs(config)
     rules: dict[int, tuple[np.ndarray, GaussianMixture, PCAState, torch.Tensor]] = {}
 
@@ -137,13 +140,21 @@ def _consensus_rule(embeddings: torch.Tensor, fit_rows: torch.Tensor, fit_reduce
     return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca, z
 
 
-def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer) -> tuple[torch.Tensor, Reducer]:
-    """Every rank's rows on every rank (rank order) with a local reducer when the set is small, else as given."""
-    n_total = int(reducer.all_reduce_sum(torch.tensor([float(embeddings.shape[0])], dtype=torch.float64))[0])
-    if reducer.world_size == 1 or n_total > config.init_sample:
-        return embeddings.double(), reducer
-    everything = reducer.gather_sample(embeddings.double(), n_total, torch.Generator().manual_seed(config.seed))
-    return everything, LocalReducer()
+def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer, ids: np.ndarray | None = None
+                 ) -> tuple[torch.Tensor, Reducer]:
+    """Every rank's rows on every rank with a local reducer when the set is small (one process: its rows), in
+    the order of their ``ids`` (rank order without them), else the local rows as given."""
+    x = embeddings.double()
+    n_total = int(reducer.all_reduce_sum(torch.tensor([float(x.shape[0])], dtype=torch.float64))[0])
+    if n_total > config.init_sample and reducer.world_size > 1:
+        return x, reducer
+    if ids is not None:  # ids (exact in float64 below 2^53) travel with the rows, then sort them
+        x = torch.cat([torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None], x], dim=1)
+    if reducer.world_size > 1:
+        x = reducer.gather_sample(x, n_total, torch.Generator().manual_seed(config.seed))
+    if ids is not None:
+        x = x[torch.argsort(x[:, 0], stable=True), 1:]
+    return x, LocalReducer() if reducer.world_size > 1 else reducer
 
 
 def _member_kwargs(config: GMMConfig) -> dict:
