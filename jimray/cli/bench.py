@@ -18,6 +18,8 @@ BENCH_MODULES = [
     "jimray.bench.compare",
     "jimray.bench.pick",
     "jimray.bench.capacity",
+    "jimray.bench.gpu",
+    "jimray.bench.scaling",
 ]
 
 bench_app = typer.Typer(help="Benchmarks: measured numbers for BENCHMARKS.md.", no_args_is_help=True)

@@ -110,7 +110,7 @@ def _train_pass(ctx: _Context, ddp_model, optimizer, lowpass: float) -> dict[str
     """(d) One epoch over the shard: each source gets a same-cluster target from the sampler."""
     cfg = ctx.config.train
     sums: dict[str, float] = {}
-    steps = 0
+    steps, pairs = 0, 0
     ddp_model.train()
     # Shards may differ by a row (every subtomogram is used): Join shadows the all-reduces of finished ranks.
     with Join([ddp_model]) if ctx.world > 1 else contextlib.nullcontext():
@@ -141,10 +141,13 @@ def _train_pass(ctx: _Context, ddp_model, optimizer, lowpass: float) -> dict[str
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             steps += 1
+            pairs += len(ids)
     keys = sorted(sums)
-    reduced = ctx.reducer.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [float(steps)], dtype=torch.float64))
+    reduced = ctx.reducer.all_reduce_sum(
+        torch.tensor([sums[k] for k in keys] + [float(pairs), float(steps)], dtype=torch.float64))
     total_steps = max(float(reduced[-1]), 1.0)
-    return {f"loss_{k}": float(reduced[i]) / total_steps for i, k in enumerate(keys)} | {"steps": int(total_steps)}
+    return {f"loss_{k}": float(reduced[i]) / total_steps for i, k in enumerate(keys)} | {
+        "steps": int(total_steps), "pairs": int(reduced[-2])}
 
 
 def _round_metrics(ctx, local, labels, cluster: ClusterState, changed: float, losses: dict, seconds: float) -> dict:
@@ -307,10 +310,12 @@ def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterSta
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.world > 1 else model
     _maybe_inject_fault(fault, round_index, ctx.rank)
     losses: dict = {}
+    pairs = 0  # pairs trained on over all epochs and ranks
     for _ in range(config.train.epochs_per_round):
         losses = _train_pass(ctx, ddp_model, optimizer, config.model.lowpass_cycles_per_voxel)
+        pairs += losses.pop("pairs")
     seconds["seconds_train"] = lap()
-    seconds["pairs_per_second"] = losses.get("steps", 0) * config.train.batch_size / max(seconds["seconds_train"], 1e-9)
+    seconds["pairs_per_second"] = pairs / max(seconds["seconds_train"], 1e-9)
     metrics = _round_metrics(ctx, local, labels, cluster, changed, losses, clock[-1] - clock[0])
     return optimizer, cluster, local, frame, {"round": round_index, **metrics, **seconds}
 
