@@ -97,6 +97,11 @@ class GMMConfig(_Strict):
                                     "fits the whitened embedding best is kept (jimray.cluster.consensus)")
     selection_pca_dims: int | None = Field(16, ge=1, description="K selection scores held-out likelihood on the "
                                            "whitened PCA projection to this size (null: every dimension)")
+    distinct_lowpass_cycles_per_voxel: float | None = Field(
+        None, gt=0.0, le=0.5, description="k_selection distinct scores the particles against the half-set averages "
+        "up to this frequency (cycles/voxel); null = the frame's frame.lowpass_cycles_per_voxel (0.25). 0.35 tells "
+        "small structures apart better (K right on 4 of the 5 hard benchmark sets where 0.25 fails) but the search "
+        "can no longer run Fourier-binned: several times the test's time (BENCHMARKS.md, issue 12)")
     seed: int = 0
 
 

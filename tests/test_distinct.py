@@ -4,11 +4,13 @@ of one structure is not, the scan returns the number of structures, and the halv
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from jimray.cluster.distinct import class_half_averages, distinct_k, id_halves, pair_distinctness
 from jimray.cluster.frame import FrameOptions, frame_scores
 from jimray.cluster.reduce import LocalReducer
+from jimray.config import GMMConfig
 from jimray.simulate.embedded import embedded_maps
 from jimray.simulate.subtomogram import simulate_subtomograms
 from jimray.train.frame_step import frame_k_chooser, frame_step
@@ -62,10 +64,12 @@ def test_structures_are_distinct_and_a_random_split_is_not():
         assert split_test.t[0, other] >= 4.0 and split_test.effect[0, other] >= 0.6
 
 
-def test_the_scan_returns_the_number_of_structures():
+@pytest.mark.parametrize("lowpass", [GMMConfig().distinct_lowpass_cycles_per_voxel, 0.35])
+def test_the_scan_returns_the_number_of_structures(lowpass):
+    """With the default (the frame's own low-pass) and the finer gmm.distinct_lowpass_cycles_per_voxel=0.35."""
     volumes, tilts, ids, truth, frame = _rounds()
     partitions = {1: np.zeros_like(truth), 2: truth, 3: _split_one(truth), 4: _split_one(_split_one(truth), 1)}
-    choose = frame_k_chooser(volumes, tilts, ids, frame, [1, 2, 3, 4], LocalReducer())
+    choose = frame_k_chooser(volumes, tilts, ids, frame, [1, 2, 3, 4], LocalReducer(), lowpass_cycles_per_voxel=lowpass)
     k, table = choose(lambda k: partitions[k])
     assert k == 2, table
     assert [row["k"] for row in table] == [1, 2, 3, 4] and table[1]["distinct"] and not table[2]["distinct"]

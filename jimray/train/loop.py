@@ -275,7 +275,8 @@ def _k_chooser(ctx: _Context, local: rounds.LocalEmbeddings, frame: FrameRound |
     gmm = ctx.config.gmm
     if frame is None or gmm.n_components is not None or gmm.k_selection != "distinct" or not gmm.consensus_dims:
         return None
-    return frame_k_chooser(local.volumes, local.tilts, local.ids, frame, gmm.candidates, ctx.reducer, gmm.seed)
+    return frame_k_chooser(local.volumes, local.tilts, local.ids, frame, gmm.candidates, ctx.reducer, gmm.seed,
+                           gmm.distinct_lowpass_cycles_per_voxel)
 
 
 def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterState | None,
