@@ -56,9 +56,12 @@ def start_local_ray():
     return ray
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """The session's local Ray cluster (see :func:`start_local_ray`), with a temporary HOME."""
+    """A local Ray cluster per test module (see :func:`start_local_ray`), with a temporary HOME. Per module, not
+    per session: a cluster that had served every earlier module (Ray Train runs, Ray Data pools, killed
+    workers) left the sampler actor's first call waiting forever in the full suite (2026-12-07); a fresh
+    cluster costs a few seconds."""
     import ray
 
     home = tempfile.mkdtemp(prefix="jimray-home-")
