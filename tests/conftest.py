@@ -1,4 +1,4 @@
-"""Shared fixtures. The ``ray_cluster`` fixture starts one local 2-CPU cluster for the whole session."""
+"""Shared fixtures. The ``ray_cluster`` fixture starts a local 2-CPU cluster per test module."""
 
 from __future__ import annotations
 
@@ -9,19 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-# A tiny Jim-Net and GMM for tests that run training end to end (--set overrides of a job).
-TINY_TRAINING = (
-    "model.channels=[4, 8]",
-    "model.feature_size=4",
-    "model.feature_dim=8",
-    "model.regressor_channels=8",
-    "model.local_radius=1",
-    "model.dilations=[1, 2]",
-    "gmm.pca_dims=4",
-    "gmm.n_init=1",
-    "train.batch_size=4",
-    "train.reservoir_per_cluster=8",
-)
+from jimray.bench.common import TINY_TRAINING  # noqa: F401  (the tests' tiny Jim-Net and GMM settings)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,7 @@ from jimray.model import JimNet
 from jimray.precision import autocast, float32_region, tf32_scope, uses_tf32
 from jimray.train.step import pair_step
 
-# tests/conftest.py TINY_TRAINING's model
+# jimray.bench.common.TINY_TRAINING's model
 TINY = ModelConfig(channels=[4, 8], feature_size=4, feature_dim=8, regressor_channels=8, local_radius=1,
                    dilations=[1, 2])  # fmt: skip
 _HALF = (torch.bfloat16, torch.float16)

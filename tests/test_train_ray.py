@@ -261,7 +261,7 @@ class _OneWorker:
             yield {key: column[lo : lo + self.batch_size] for key, column in self.rows.items()}
 
     def barrier(self) -> None:
-        pass
+        """One worker: nothing to wait for (the real context's barrier is a no-op at world size 1 too)."""
 
     def sampler_state(self) -> tuple[int, np.ndarray]:
         import ray

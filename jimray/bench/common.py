@@ -13,6 +13,26 @@ from pathlib import Path
 
 import torch
 
+# A tiny Jim-Net and mixture for CI-sized training runs (``--set`` overrides of a job): the tests' settings and
+# ``jimray bench scaling --tiny``.
+TINY_TRAINING = (
+    "model.channels=[4, 8]",
+    "model.feature_size=4",
+    "model.feature_dim=8",
+    "model.regressor_channels=8",
+    "model.local_radius=1",
+    "model.dilations=[1, 2]",
+    "gmm.pca_dims=4",
+    "gmm.n_init=1",
+    "train.batch_size=4",
+    "train.reservoir_per_cluster=8",
+)
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """A comma-separated option ``"a, b,,c"`` -> ``("a", "b", "c")`` (stripped, empty items dropped)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
 
 def machine_info() -> dict:
     """Where a benchmark ran: CPU, cores, memory, GPU, versions."""

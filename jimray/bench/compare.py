@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 
 from jimray.bench import jimnet_method, peer  # peer: registers the opt-in pytme rows
-from jimray.bench.common import markdown_table, timer, write_results
+from jimray.bench.common import markdown_table, split_list, timer, write_results
 from jimray.bench.methods import PAPER_SNRS, CompareOptions, Dataset, MethodResult, registered_methods
 from jimray.conventions import clustering_accuracy, compose_poses, invert_pose, rotation_error, translation_error
 
@@ -512,7 +512,7 @@ def _pytme_rows(level, steps, wedges, snr) -> tuple[list[dict], str]:
 
 
 def _wedge_filters(text: str, enabled: bool) -> tuple[str, ...]:
-    wedges = tuple(w.strip() for w in text.split(",") if w.strip()) if enabled else ()
+    wedges = split_list(text) if enabled else ()
     bad = [w for w in wedges if w not in peer.pytme_peer.WEDGE_FILTERS]
     if bad:
         from jimray.cli.errors import UserError

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import typer
 
-from jimray.bench.common import markdown_table, write_results
+from jimray.bench.common import markdown_table, split_list, write_results
 from jimray.config import ModelConfig
 from jimray.precision import autocast, tf32_scope
 
@@ -727,7 +727,7 @@ def _check_options(device: str, smoke: bool, budget_seconds: float, sections: tu
     if unknown or not sections:
         raise UserError(f"--sections: unknown {unknown}; choose among {list(SECTIONS)} (comma-separated)")
     try:
-        sizes = tuple(int(b) for b in batches.split(",") if b.strip())
+        sizes = tuple(int(b) for b in split_list(batches))
     except ValueError:
         sizes = ()
     if not sizes or min(sizes) < 1:
@@ -750,7 +750,7 @@ def register(bench_app: typer.Typer) -> None:
         name: str = typer.Option("", help="result file name (default gpu, or gpu_smoke with --smoke)"),
     ) -> None:
         """One budgeted GPU check: Jim-Net speed and TFLOP/s, GPU GMM vs scikit-learn, Jim-Net vs classical search."""
-        chosen = tuple(x.strip() for x in sections.split(",") if x.strip())
+        chosen = split_list(sections)
         sizes = _check_options(device, smoke, budget_seconds, chosen, batches)
         s = smoke_settings(device, budget_seconds) if smoke else GpuBenchSettings(device=device,
                                                                                    budget_seconds=budget_seconds)

@@ -25,21 +25,8 @@ from typing import Annotated
 
 import typer
 
-from jimray.bench.common import markdown_table, write_results
+from jimray.bench.common import TINY_TRAINING, markdown_table, split_list, write_results
 
-# A tiny Jim-Net and GMM for CI-sized runs (the same as the tests' TINY_TRAINING).
-TINY_MODEL = (
-    "model.channels=[4, 8]",
-    "model.feature_size=4",
-    "model.feature_dim=8",
-    "model.regressor_channels=8",
-    "model.local_radius=1",
-    "model.dilations=[1, 2]",
-    "gmm.pca_dims=4",
-    "gmm.n_init=1",
-    "train.batch_size=4",
-    "train.reservoir_per_cluster=8",
-)
 STEPS = ("embed", "cluster", "train", "round")
 ROUND_COLUMNS = ["workers", "round", "subtomograms", "embed_per_s", "pairs_per_s", "seconds_embed",
                  "seconds_cluster", "seconds_train", "seconds_round", "eff_embed", "eff_cluster", "eff_train",
@@ -74,7 +61,7 @@ class Settings:
 def parse_workers(text: str) -> tuple[int, ...]:
     """``"1,2,4"`` -> ``(1, 2, 4)`` (sorted, unique, each >= 1)."""
     try:
-        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+        counts = sorted({int(part) for part in split_list(text)})
     except ValueError:
         raise typer.BadParameter(f"expected worker counts like 1,2,4, got {text!r}") from None
     if not counts or counts[0] < 1:
@@ -159,7 +146,7 @@ def job_config(s: Settings, data: Path, out: Path, workers: int, cpus: float):
     """The study's job: defaults (frame embedding), K = ``s.k`` given, ``--tiny`` model, ``s.extra`` last."""
     from jimray.config import load_job
 
-    overrides = [*(TINY_MODEL if s.tiny else ()), f"data.path={data}", f"data.box_size={s.box}",
+    overrides = [*(TINY_TRAINING if s.tiny else ()), f"data.path={data}", f"data.box_size={s.box}",
                  f"gmm.n_components={s.k}", f"train.rounds={s.rounds}", f"train.epochs_per_round={s.epochs}",
                  f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={cpus}", "scaling.max_failures=0",
                  f"output.dir={out}", *s.extra]
