@@ -97,11 +97,15 @@ class GMMConfig(_Strict):
                                     "fits the whitened embedding best is kept (jimray.cluster.consensus)")
     selection_pca_dims: int | None = Field(16, ge=1, description="K selection scores held-out likelihood on the "
                                            "whitened PCA projection to this size (null: every dimension)")
+    distinct_scoring: Literal["pose", "search"] = Field(
+        "pose", description="how k_selection distinct scores the particles against the half-set averages: 'pose' at "
+        "the pose each already has in the cluster's frame (shift search only, full sampling), 'search' with the "
+        "frame's global rotation search (Fourier-binned). 'pose' finds K on every benchmark set where 'search' "
+        "failed (BENCHMARKS.md, issue 12)")
     distinct_lowpass_cycles_per_voxel: float | None = Field(
-        None, gt=0.0, le=0.5, description="k_selection distinct scores the particles against the half-set averages "
-        "up to this frequency (cycles/voxel); null = the frame's frame.lowpass_cycles_per_voxel (0.25). 0.35 tells "
-        "small structures apart better (K right on 4 of the 5 hard benchmark sets where 0.25 fails) but the search "
-        "can no longer run Fourier-binned: several times the test's time (BENCHMARKS.md, issue 12)")
+        None, gt=0.0, le=0.5, description="k_selection distinct scores up to this frequency (cycles/voxel); null = "
+        "the frame's frame.lowpass_cycles_per_voxel (0.25). With distinct_scoring search, above 0.25 the search can "
+        "no longer run Fourier-binned (several times slower)")
     seed: int = 0
 
 
@@ -186,6 +190,10 @@ class ScalingConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave room for Ray Data reads")
     gpus_per_worker: float = Field(1.0, ge=0)
     max_failures: int = Field(2, ge=0, description="worker failures tolerated; resumes from last round")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes (Ray Train's ScalingConfig.placement_strategy): PACK "
+        "fills a node first (least traffic), SPREAD puts each on its own node where it can (more memory bandwidth "
+        "and disks per worker, gradients cross the network)")
 
 
 class OutputConfig(_Strict):

@@ -60,3 +60,28 @@ def ray_cluster():
     ray.shutdown()
     if old_home is not None:
         os.environ["HOME"] = old_home
+
+
+def accuracy_from_files(star, shard_dir) -> float:
+    """Clustering accuracy recomputed from what a run wrote: ``rlnClassNumber`` of a predict STAR against
+    ``true_class`` of the Parquet shards it read, matched by image name (``[index@]file``, the file by its
+    name: predict rewrites the paths relative to its output). Tests compare a reported accuracy with it, so a
+    wrong report (or a wrong matching of rows to particles) fails."""
+    from pathlib import Path
+
+    from jimray.conventions import clustering_accuracy
+    from jimray.io.shards import read_shard
+    from jimray.io.star import read_particles
+
+    def key(name: str) -> str:
+        prefix, _, file = str(name).rpartition("@")
+        return f"{prefix}@{Path(file).name}"
+
+    truth: dict[str, int] = {}
+    for shard in sorted(Path(shard_dir).glob("*.parquet")):
+        cols = read_shard(shard, columns=["image_name", "true_class"])
+        truth.update(zip(map(key, cols["image_name"]), cols["true_class"].astype(int).tolist(), strict=True))
+    table = read_particles(star).particles
+    keys = [key(name) for name in table["rlnImageName"]]
+    assert len(set(keys)) == len(keys) == len(truth), "the STAR must name every subtomogram once"
+    return float(clustering_accuracy(np.array([truth[k] for k in keys]), table["rlnClassNumber"].to_numpy()))

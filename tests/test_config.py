@@ -59,3 +59,14 @@ def test_train_precision_choices():
     assert load_job(None, ["train.precision=bf16"]).train.precision == "bf16"
     with pytest.raises(ConfigError, match=r"train.precision: Input should be 'fp32', 'tf32' or 'bf16'"):
         load_job(None, ["train.precision=fp16"])
+
+
+def test_placement_strategy_reaches_ray_train(tmp_path):
+    """scaling.placement_strategy is handed to Ray Train's ScalingConfig; a misspelt strategy is a config error."""
+    from jimray.train.driver import build_trainer
+
+    trainer = build_trainer(load_job(None, ["scaling.placement_strategy=SPREAD"]), None, tmp_path, "sampler")
+    assert trainer.scaling_config.placement_strategy == "SPREAD"
+    assert build_trainer(load_job(None, []), None, tmp_path, "s").scaling_config.placement_strategy == "PACK"
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        load_job(None, ["scaling.placement_strategy=spread_out"])

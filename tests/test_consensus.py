@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import make_blobs
 
@@ -147,6 +148,37 @@ def test_train_clustering_on_two_ranks_equals_one_process(tmp_path):
     single = cluster_embeddings(x, GMMConfig(candidates=[2, 4, 6]), LocalReducer(), None, None)
     assert r0["k"] == r1["k"] == single.n_clusters == 4
     np.testing.assert_array_equal(np.concatenate([r0["labels"], r1["labels"]]), single.labels)
+
+
+def _split_worker(rank: int, world: int, init_file: str, out_dir: str, x: torch.Tensor, ids: np.ndarray,
+                  split: int, config: GMMConfig):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        part = slice(0, split) if rank == 0 else slice(split, None)
+        state = cluster_embeddings(x[part], config, TorchDistributedReducer(), None, None, ids=ids[part])
+        torch.save({"labels": state.labels, "ids": ids[part]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("init_sample,consensus", [(20000, True), (150, True), (20000, False), (150, False)])
+def test_train_clustering_depends_on_the_ids_not_on_the_split(tmp_path, init_sample, consensus):
+    """Rows spread over two ranks in another order and split (as Ray Data may hand them out) get the labels one
+    process gives them, by id: the consensus for a set gathered whole and for one larger than gmm.init_sample
+    (fitted on the rows chosen by id), and one distributed mixture (gmm.consensus_dims: null) seeded from all
+    rows or from the rows chosen by a hash of their values."""
+    x, _ = _blobs(n=300, std=2.0, seed=9)
+    ids = np.arange(1000, 1300)
+    config = GMMConfig(n_components=4, init_sample=init_sample, **({} if consensus else {"consensus_dims": None}))
+    single = cluster_embeddings(x, config, LocalReducer(), None, None, ids=ids)
+    order = np.random.default_rng(3).permutation(300)
+    torch.multiprocessing.spawn(_split_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path), x[order], ids[order],
+                                                     77, config), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    by_id = dict(zip(np.concatenate([p["ids"] for p in parts]).tolist(),
+                     np.concatenate([p["labels"] for p in parts]).tolist(), strict=True))
+    np.testing.assert_array_equal([by_id[i] for i in ids], single.labels)
 
 
 def test_best_consensus_keeps_the_restart_whose_mixture_fits_best():

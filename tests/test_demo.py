@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import accuracy_from_files
 
 from jimray.config import ConfigError, load_job
 
@@ -182,7 +183,11 @@ def test_demo_pipeline_shrunk_prints_the_summary_and_writes_the_report(tmp_path)
     record = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in record["stages"].values()] == ["ran"] * 5
     report = record["stages"]["report"]["counts"]
-    assert 0.0 <= report["clustering_accuracy"] <= 1.0 and sum(report["cluster_sizes"]) == 24
+    assert sum(report["cluster_sizes"]) == 24
+    recomputed = accuracy_from_files(out / "predict" / "particles.star", out / "data" / "shards")
+    assert report["clustering_accuracy"] == pytest.approx(recomputed)  # the report's number is the files' number
+    predicted = record["stages"]["predict"]["counts"]["clustering_accuracy"]
+    assert predicted == pytest.approx(recomputed)
     html = (out / "report.html").read_text()
     assert html.count("<img ") == len(report["classes"]) + 3  # per class, FSC, sizes, training rounds
     assert len(list((out / "report").glob("class_*.png"))) == len(report["classes"])

@@ -190,3 +190,21 @@ def test_cuda_fit_matches_cpu_and_stays_on_device():
     assert gpu.means_.is_cuda and gpu.predict(xc).is_cuda and gpu.init_backend_ in ("cuml", "torch")
     assert gpu.score(xc) == pytest.approx(cpu.score(x), rel=1e-6)
     assert clustering_accuracy(gpu.predict(x), cpu.predict(x)) > 0.99
+
+
+def test_seeding_sample_depends_on_the_rows_not_their_order():
+    """The rows the mixture seeds from: all of a small set, n_max of a large one, the same for the same rows in
+    any order (last-bit noise included), in one order."""
+    from jimray.cluster.gmm import seeding_sample
+
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator
+    small = seeding_sample(x, 1000, LocalReducer(), gen().manual_seed(0))
+    assert small.shape == (500, 4)
+    torch.testing.assert_close(seeding_sample(x[perm], 1000, LocalReducer(), gen().manual_seed(0)), small)
+    large = seeding_sample(x, 100, LocalReducer(), gen().manual_seed(0))
+    assert large.shape == (100, 4)
+    noisy = x[perm] * (1.0 + 1e-15)
+    torch.testing.assert_close(seeding_sample(noisy, 100, LocalReducer(), gen().manual_seed(5)), large)
+    assert not torch.equal(large, seeding_sample(x[:400], 100, LocalReducer(), gen().manual_seed(0)))

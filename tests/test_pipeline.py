@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import accuracy_from_files
 
 import jimray.pipeline as pipeline_module
 from jimray.config import ConfigError, ModelConfig, load_job
@@ -162,11 +163,13 @@ def test_smoke_pipeline_end_to_end_and_resume(ray_cluster, tmp_path):
     assert stages["train"]["counts"]["rounds_completed"] == 1
     assert (root / "predict" / "particles.star").is_file() and list((root / "predict").glob("class_*.mrc"))
     assert stages["predict"]["counts"]["subtomograms"] == n
-    assert 0.0 <= stages["predict"]["counts"]["clustering_accuracy"] <= 1.0  # truth carried through the picks
+    recomputed = accuracy_from_files(root / "predict" / "particles.star", root / "particles")
+    assert stages["predict"]["counts"]["clustering_accuracy"] == pytest.approx(recomputed)  # truth carried over picks
     for name in ("report.html", "fsc.csv", "particles.star"):
         assert (root / "average" / name).is_file()
     assert list((root / "average").glob("class_*_half1.mrc"))
-    assert (root / "report.html").is_file() and stages["report"]["counts"]["clustering_accuracy"] is not None
+    assert (root / "report.html").is_file()
+    assert stages["report"]["counts"]["clustering_accuracy"] == pytest.approx(recomputed)
     assert json.loads((root / "pipeline.json").read_text())["stages"] == stages
 
     again = run_pipeline(job)["stages"]

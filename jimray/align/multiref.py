@@ -25,7 +25,7 @@ from jimray.fourier.xcorr import hermitian_weights, mask_to_rfft
 
 _DIMS = (-3, -2, -1)
 
-__all__ = ["ReferenceScores", "score_references", "refine_poses", "so3_grid"]
+__all__ = ["ReferenceScores", "fourier_binning", "score_references", "score_at_poses", "refine_poses", "so3_grid"]
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _check(particles: torch.Tensor, references: torch.Tensor, tilts) -> torch.Te
     return tilt
 
 
-def _binning(shape: tuple[int, ...], lowpass: float) -> int:
+def fourier_binning(shape: tuple[int, ...], lowpass: float) -> int:
     """Largest power of 2 that keeps every frequency the score uses (``lowpass * binning <= 0.5``) and a binned
     box of at least 8 voxels."""
     binning = 1
@@ -154,7 +154,7 @@ def score_references(
     tilts = _check(particles, references, tilt_range_degrees)
     dtype, device = particles.dtype, particles.device
     grid = rotations if rotations is not None else so3_grid(angular_step_degrees, device=device, dtype=dtype)
-    binning = _binning(tuple(particles.shape[-3:]), lowpass_cycles_per_voxel)
+    binning = fourier_binning(tuple(particles.shape[-3:]), lowpass_cycles_per_voxel)
     small = tuple(s // binning for s in particles.shape[-3:])
     masks, which = _particle_masks(small, tilts.to(device), lowpass_cycles_per_voxel * binning, device, dtype)
     weighted = masks * hermitian_weights(small[-1], device=device, dtype=dtype)  # (u, ...)
@@ -191,6 +191,42 @@ def score_references(
     rot_index = index % m
     shift_index = index // (m * k)
     return ReferenceScores(scores, grid[rot_index], shifts[shift_index] * binning)
+
+
+def score_at_poses(
+    particles: torch.Tensor,
+    references: torch.Tensor,
+    rotations: torch.Tensor,
+    tilt_range_degrees,
+    *,
+    max_shift_voxels: float = 4.0,
+    lowpass_cycles_per_voxel: float = 0.25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every particle against every wedge-free reference at a rotation it already has: no rotation search, the
+    best shift (sub-voxel, within ``max_shift_voxels``) over the frequencies up to ``lowpass_cycles_per_voxel``.
+
+    ``particles (n, d, h, w)``, ``references (M, d, h, w)``, ``rotations (n, M, 3, 3)`` (the pose of particle
+    ``i`` in the frame of reference ``j``, :mod:`jimray.conventions`), tilt ranges a number or ``(n,)``.
+    Returns ``scores (n, M)`` (constrained correlation) and ``shifts (n, M, 3)`` (voxels, x y z). Costs one
+    rotation of a reference per (particle, reference) at full sampling (not Fourier-binned: the trilinear
+    rotation of a binned volume damps the band near the low-pass, which is where small structures differ; on
+    the benchmark set embedded 0.05 the distinct test's weakest true pair fell from d 1.05 to 0.52 binned)."""
+    from jimray.baselines.search import _Searcher
+
+    tilts = _check(particles, references, tilt_range_degrees).to(device=particles.device, dtype=particles.dtype)
+    n, m = particles.shape[0], references.shape[0]
+    if rotations.shape != (n, m, 3, 3):
+        raise ValueError(f"rotations must have shape ({n}, {m}, 3, 3) (particles, references), got "
+                         f"{tuple(rotations.shape)}")
+    scores = particles.new_empty((n, m))
+    shifts = particles.new_empty((n, m, 3))
+    no_wedge = torch.full((1,), 90.0, device=particles.device, dtype=particles.dtype)
+    for j in range(m):  # full sampling: rotating Fourier-binned volumes damps the band near the low-pass
+        searcher = _Searcher(particles, tilts, references[j : j + 1].to(particles.dtype), no_wedge,
+                             lowpass_cycles_per_voxel, max_shift_voxels, True, 512)
+        score, shift = searcher.score(rotations[:, j : j + 1].to(particles.dtype))
+        scores[:, j], shifts[:, j] = score[:, 0], shift[:, 0]
+    return scores, shifts
 
 
 def refine_poses(

@@ -259,7 +259,7 @@ def _frame_k(ds: Dataset, embedding: torch.Tensor, frame, seed: int) -> dict:
     defaults = GMMConfig()
     ids, tilts = np.arange(len(ds.classes)), np.full(len(ds.classes), ds.tilt_range_degrees, np.float32)
     choose = frame_k_chooser(ds.volumes, tilts, ids, frame, list(K_CANDIDATES), LocalReducer(), seed,
-                             defaults.distinct_lowpass_cycles_per_voxel)
+                             defaults.distinct_lowpass_cycles_per_voxel, defaults.distinct_scoring)
     partitions: dict[int, np.ndarray] = {}
 
     def labels_for(k: int) -> np.ndarray:

@@ -8,18 +8,22 @@ pair of clusters of a candidate partition:
 2. each half is averaged (wedge-aware, :class:`jimray.average.WedgeAccumulator`) in the frame of the cluster's
    best common-frame reference (the one its members score highest against, all ranks), under the poses the
    frame already found;
-3. every particle is scored (rotation grid + all shifts, :func:`jimray.align.multiref.score_references`)
-   against the averages of the half it is *not* in, so no particle is scored against its own noise;
+3. every particle is scored against the averages of the half it is *not* in, so no particle is scored against
+   its own noise. By default (:func:`pose_half_scores`) from the pose it already has in each cluster's frame
+   (the pose the half-averages were built with), refined locally, at full sampling; or
+   (:func:`search_half_scores`) with a global search (rotation grid + all shifts,
+   :func:`jimray.align.multiref.score_references`), which is affordable only Fourier-binned and tells the
+   small structures apart less well;
 4. for clusters ``a`` and ``b`` the paired difference ``score(own other-half average) - score(the other
    cluster's other-half average)`` over the members of both gives an effect size ``d`` (mean / standard
    deviation) and a t statistic (``d * sqrt(n)``).
 
 Two clusters are *distinct* when ``t >= min_t`` (not chance) and ``d >= min_effect`` (not a small
 systematic preference: splitting one structure by a nuisance such as the orientation to the missing wedge
-gives half-averages that their own members prefer slightly, with ``d`` 0.3-0.55 on the benchmark sets, where
-different structures give ``d`` 0.7-2). :func:`distinct_k` scans the candidate K and returns the largest whose
-every pair is distinct (BENCHMARKS.md, issue 12: the measurements behind the two thresholds and the sets they
-were tried on).
+gives half-averages that their own members prefer slightly, with ``d`` -0.3-0.56 on the benchmark sets, where
+different structures give ``d`` 0.86-3.4 with the default scoring). :func:`distinct_k` scans the candidate K
+and returns the largest whose every pair is distinct (BENCHMARKS.md, issue 12: the measurements behind the
+two thresholds and the sets they were tried on).
 
 Data may be spread over workers: averages and statistics go through a :class:`jimray.cluster.reduce.Reducer`.
 Kernels only: torch and numpy.
@@ -39,7 +43,10 @@ from jimray.align.multiref import ReferenceScores
 from jimray.average.wedge_average import WedgeAccumulator
 from jimray.cluster.reduce import Reducer, all_reduce_spectra, as_reducer
 
-__all__ = ["PairTest", "id_halves", "class_half_averages", "half_counts", "pair_distinctness", "distinct_k"]
+__all__ = ["PairTest", "id_halves", "cluster_frames", "class_half_averages", "pose_half_scores", "search_half_scores",
+           "half_counts", "pair_distinctness", "distinct_k"]
+
+HalfScores = Callable[[torch.Tensor, object, torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 
 MIN_T = 4.0
 MIN_EFFECT = 0.6
@@ -75,8 +82,10 @@ def id_halves(ids: Sequence, seed: int = 0) -> np.ndarray:
                     dtype=np.int64)
 
 
-def _best_reference(scores: torch.Tensor, labels: np.ndarray, k: int, reducer: Reducer) -> np.ndarray:
-    """Per cluster the reference with the highest mean score over its members on all ranks ``(K,)``."""
+def cluster_frames(scores: torch.Tensor, labels: np.ndarray, k: int, reducer: Reducer | None = None) -> np.ndarray:
+    """Per cluster the common-frame reference whose frame its averages use ``(K,)``: the one with the highest
+    mean score ``scores (n, R)`` over the cluster's members on all ranks."""
+    reducer = as_reducer(reducer)
     onehot = torch.zeros((scores.shape[0], k), dtype=torch.float64)
     onehot[torch.arange(scores.shape[0]), torch.as_tensor(labels, dtype=torch.long)] = 1.0
     sums = reducer.all_reduce_sum(onehot.T @ scores.double())  # (K, R)
@@ -84,16 +93,17 @@ def _best_reference(scores: torch.Tensor, labels: np.ndarray, k: int, reducer: R
 
 
 def class_half_averages(volumes: torch.Tensor, tilts, labels: np.ndarray, halves: np.ndarray, k: int,
-                        scores: ReferenceScores, reducer: Reducer | None = None, wiener_floor: float = 1.0
-                        ) -> torch.Tensor:
+                        scores: ReferenceScores, reducer: Reducer | None = None, wiener_floor: float = 1.0,
+                        frames: np.ndarray | None = None) -> torch.Tensor:
     """Wedge-aware averages ``(K, 2, d, h, w)`` of every cluster's two halves, each in the frame of the
-    cluster's best reference under the poses of ``scores`` (``(n, R)`` against the common-frame references).
-    ``volumes (n, d, h, w)``, tilt ranges (a number or ``(n,)``), local ``labels`` and ``halves`` ``(n,)``.
-    A half without members stays zero. Identical on every rank."""
+    cluster's reference ``frames (K,)`` (default :func:`cluster_frames`) under the poses of ``scores``
+    (``(n, R)`` against the common-frame references). ``volumes (n, d, h, w)``, tilt ranges (a number or
+    ``(n,)``), local ``labels`` and ``halves`` ``(n,)``. A half without members stays zero. Identical on every
+    rank."""
     reducer = as_reducer(reducer)
     shape = tuple(volumes.shape[-3:])
     d, h, w = shape
-    best = _best_reference(scores.scores, labels, k, reducer)
+    best = cluster_frames(scores.scores, labels, k, reducer) if frames is None else np.asarray(frames)
     tilt = torch.as_tensor(np.asarray(tilts, dtype=np.float32).reshape(-1)).expand(volumes.shape[0])
     spectra = torch.zeros((k, 2, d, h, w // 2 + 1), dtype=torch.complex128)
     weights = torch.zeros((k, 2, d, h, w // 2 + 1), dtype=torch.float64)
@@ -110,19 +120,79 @@ def class_half_averages(volumes: torch.Tensor, tilts, labels: np.ndarray, halves
     return torch.fft.irfftn(spectra / weights.clamp_min(wiener_floor), s=shape, dim=(-3, -2, -1)).float()
 
 
-def pair_distinctness(volumes: torch.Tensor, tilts, labels: np.ndarray, halves: np.ndarray,
-                      averages: torch.Tensor, score: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor],
-                      reducer: Reducer | None = None) -> PairTest:
-    """The paired test of every pair of clusters (module docstring). ``averages (K, 2, d, h, w)`` from
-    :func:`class_half_averages`; ``score(volumes, tilts, references (M, d, h, w)) -> (n, M)`` aligned scores
-    (e.g. :func:`jimray.cluster.frame.frame_scores`' ``.scores``). Statistics are summed over all ranks."""
+def _tilt_vector(tilts, n: int) -> torch.Tensor:
+    tilt = torch.as_tensor(tilts, dtype=torch.float32).reshape(-1)
+    return tilt.expand(n) if tilt.numel() == 1 else tilt
+
+
+def pose_half_scores(lowpass_cycles_per_voxel: float = 0.25, max_shift_voxels: float = 4.0,
+                     refine_degrees: float = 10.0) -> HalfScores:
+    """The default scorer of the test: ``score(volumes (n, d, h, w), tilts, averages (K, 2, d, h, w), rotations
+    (n, K, 3, 3), halves (n,)) -> (n, K)``, every particle against the average of the half it is not in of
+    every cluster, starting from its pose in that cluster's frame (``rotations``, from the frame).
+
+    The pose is refined against that average (27 rotations within ``refine_degrees``, Fourier-binned, as
+    :func:`jimray.align.multiref.refine_poses`; 0 = none), which cannot fit the particle's own noise: it is not
+    in that half. The score is then taken at full sampling up to ``lowpass_cycles_per_voxel`` with a shift
+    search (:func:`jimray.align.multiref.score_at_poses`): the small structures differ in the band near the
+    low-pass that a binned rotation damps, where the frame's grid search runs (BENCHMARKS.md, issue 12)."""
+    from jimray.align.multiref import fourier_binning, refine_poses, score_at_poses
+    from jimray.baselines.search import fourier_crop
+
+    def score(volumes: torch.Tensor, tilts, averages: torch.Tensor, rotations: torch.Tensor,
+              halves: np.ndarray) -> torch.Tensor:
+        n, k = volumes.shape[0], averages.shape[0]
+        out = torch.zeros((n, k))
+        if n == 0:  # a worker without rows still takes part in every reduction
+            return out
+        volumes, tilt = volumes.float(), _tilt_vector(tilts, n)
+        binning = fourier_binning(tuple(volumes.shape[-3:]), lowpass_cycles_per_voxel)
+        small = fourier_crop(volumes, binning)
+        small_avg = fourier_crop(averages.reshape(2 * k, *averages.shape[-3:]), binning)
+        small_avg = small_avg.reshape(k, 2, *small.shape[-3:])
+        for c in range(k):
+            for half in (0, 1):
+                p = torch.as_tensor(np.flatnonzero(np.asarray(halves) == 1 - half), dtype=torch.long)
+                if len(p) == 0:
+                    continue
+                rot = rotations[p, c].float()
+                if refine_degrees > 0:
+                    rot, _, _ = refine_poses(small[p], small_avg[c, half][None], torch.zeros(len(p), dtype=torch.long),
+                                             rot, tilt[p], start_degrees=refine_degrees, steps=1,
+                                             max_shift_voxels=max_shift_voxels / binning,
+                                             lowpass_cycles_per_voxel=lowpass_cycles_per_voxel * binning)
+                value, _ = score_at_poses(volumes[p], averages[c, half][None], rot[:, None], tilt[p],
+                                          max_shift_voxels=max_shift_voxels,
+                                          lowpass_cycles_per_voxel=lowpass_cycles_per_voxel)
+                out[p, c] = value[:, 0]
+        return torch.nan_to_num(out)  # an empty half's zero average scores 0, not NaN
+
+    return score
+
+
+def search_half_scores(search: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]) -> HalfScores:
+    """A scorer (as :func:`pose_half_scores`) from a global search ``search(volumes, tilts, references (M, d, h,
+    w)) -> (n, M)`` (e.g. :func:`jimray.cluster.frame.frame_scores`' ``.scores``): the poses are not used."""
+
+    def score(volumes: torch.Tensor, tilts, averages: torch.Tensor, rotations: torch.Tensor,
+              halves: np.ndarray) -> torch.Tensor:
+        n, k = volumes.shape[0], averages.shape[0]
+        both = search(volumes, tilts, averages.reshape(2 * k, *averages.shape[-3:])).reshape(n, k, 2)
+        return both[torch.arange(n), :, torch.as_tensor(1 - np.asarray(halves), dtype=torch.long)]
+
+    return score
+
+
+def pair_distinctness(labels: np.ndarray, other_half_scores: torch.Tensor, reducer: Reducer | None = None
+                      ) -> PairTest:
+    """The paired test of every pair of clusters (module docstring) from this rank's ``other_half_scores (n,
+    K)`` (every particle against the average of the half it is not in of every cluster, e.g. from
+    :func:`pose_half_scores`) and local ``labels`` ``(n,)``. Statistics are summed over all ranks."""
     reducer = as_reducer(reducer)
-    k = averages.shape[0]
-    n = volumes.shape[0]
+    n, k = other_half_scores.shape
     sums = torch.zeros((3, k, k), dtype=torch.float64)  # count, sum, sum of squares of the paired differences
     if n:
-        s = score(volumes, tilts, averages.reshape(2 * k, *averages.shape[-3:])).double().reshape(n, k, 2)
-        other = s[torch.arange(n), :, torch.as_tensor(1 - halves, dtype=torch.long)]  # (n, K): other-half scores
+        other = other_half_scores.double()
         own = torch.as_tensor(labels, dtype=torch.long)
         diff = other.gather(1, own[:, None]) - other  # (n, K): own cluster minus each cluster
         onehot = torch.zeros((n, k), dtype=torch.float64)
@@ -149,17 +219,19 @@ def half_counts(labels: np.ndarray, halves: np.ndarray, k: int, reducer: Reducer
 
 
 def distinct_k(candidates: Sequence[int], labels_for: Callable[[int], np.ndarray], volumes: torch.Tensor, tilts,
-               ids: Sequence, scores: ReferenceScores,
-               score: Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor], reducer: Reducer | None = None,
-               min_t: float = MIN_T, min_effect: float = MIN_EFFECT, seed: int = 0) -> tuple[int, list[dict]]:
+               ids: Sequence, scores: ReferenceScores, score: HalfScores | None = None,
+               reducer: Reducer | None = None, min_t: float = MIN_T, min_effect: float = MIN_EFFECT, seed: int = 0
+               ) -> tuple[int, list[dict]]:
     """The largest K among ``candidates`` whose partition ``labels_for(K)`` (local labels ``(n,)``) has every
     pair of clusters distinct (:class:`PairTest`) and every cluster at least :data:`MIN_HALF` members in each
     half (a smaller cluster cannot be verified, so its partition does not count as distinct). The scan goes up
     from the smallest K and stops after two failing K above the last that passed (larger K only split
     further); K above half the particles (over all ranks) is not tried. Returns ``(K, table)`` with one row
     per K tried (``k``, ``distinct``, the weakest pair's ``t`` and ``effect``); the smallest candidate when
-    none passes. All ranks agree (every statistic is reduced)."""
+    none passes. ``score``: a half-average scorer (default :func:`pose_half_scores`). All ranks agree (every
+    statistic is reduced)."""
     reducer = as_reducer(reducer)
+    score = pose_half_scores() if score is None else score
     ks = sorted({int(k) for k in candidates})
     if not ks or ks[0] < 1:
         raise ValueError(f"candidates must be positive integers, got {list(candidates)}")
@@ -170,8 +242,10 @@ def distinct_k(candidates: Sequence[int], labels_for: Callable[[int], np.ndarray
     chosen, fails_after_pass = ks[0], 0
     for k in ks:
         labels = np.asarray(labels_for(k), dtype=np.int64)
-        averages = class_half_averages(volumes, tilts, labels, halves, k, scores, reducer)
-        test = pair_distinctness(volumes, tilts, labels, halves, averages, score, reducer)
+        frames = cluster_frames(scores.scores, labels, k, reducer)
+        averages = class_half_averages(volumes, tilts, labels, halves, k, scores, reducer, frames=frames)
+        other = score(volumes, tilts, averages, scores.rotations[:, torch.as_tensor(frames, dtype=torch.long)], halves)
+        test = pair_distinctness(labels, other, reducer)
         ok = test.distinct(min_t, min_effect) and bool((half_counts(labels, halves, k, reducer) >= MIN_HALF).all())
         a, b, t, effect = test.weakest() if k > 1 else (0, 0, math.inf, math.inf)
         table.append({"k": k, "distinct": ok, "weakest_pair": [a, b], "t": t, "effect": effect})

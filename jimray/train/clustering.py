@@ -100,9 +100,10 @@ def cluster_embeddings(
 def _consensus(embeddings: torch.Tensor, config: GMMConfig, k: int | None, reducer: Reducer,
                choose_k: KChooser | None = None, ids: np.ndarray | None = None) -> ClusterState:
     """K clusters (K chosen by ``choose_k`` or :func:`select_k` when None) by the consensus of the ensemble, as
-    one diagonal mixture on the whitened embedding. A set of at most ``gmm.init_sample`` rows is gathered to
-    every rank and fitted there (identically, no collective per EM step: the ensemble runs thousands of them);
-    larger sets are fitted with all-reduced statistics."""
+    one diagonal mixture on the whitened embedding. With ``ids``, at most ``gmm.init_sample`` rows chosen by id
+    are gathered to every rank and fitted there (identically, no collective per EM step: the ensemble runs
+    thousands of them; :func:`_fitting_set`), and the fitted rule labels every row; without ids a larger set is
+    fitted with all-reduced statistics."""
     fit_rows, fit_reducer = _fitting_set(embeddings, config, reducer, ids)
     kwargs = _member_kwargs(config)
     rules: dict[int, tuple[np.ndarray, GaussianMixture, PCAState, torch.Tensor]] = {}
@@ -140,21 +141,44 @@ def _consensus_rule(embeddings: torch.Tensor, fit_rows: torch.Tensor, fit_reduce
     return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca, z
 
 
+def _id_hash(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded 52-bit hash ``(n,)`` float64 of integer ids (splitmix64): the same id, the same value, wherever
+    it is held."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(12)).astype(np.float64)
+
+
 def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer, ids: np.ndarray | None = None
                  ) -> tuple[torch.Tensor, Reducer]:
-    """Every rank's rows on every rank with a local reducer when the set is small (one process: its rows), in
-    the order of their ``ids`` (rank order without them), else the local rows as given."""
+    """The rows the consensus is fitted on, and the reducer to fit them with.
+
+    With ``ids`` (n,) of the local rows: the ``gmm.init_sample`` rows with the smallest seeded hash of their id
+    (every row of a smaller set), on every rank, in id order, with a local reducer: the fit depends on the set
+    of ids alone, not on how Ray Data spread and ordered the rows. Without ids: every rank's rows on every rank
+    when the set is small (one process: its rows), else the local rows with ``reducer``."""
     x = embeddings.double()
     n_total = int(reducer.all_reduce_sum(torch.tensor([float(x.shape[0])], dtype=torch.float64))[0])
-    if n_total > config.init_sample and reducer.world_size > 1:
-        return x, reducer
-    if ids is not None:  # ids (exact in float64 below 2^53) travel with the rows, then sort them
-        x = torch.cat([torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None], x], dim=1)
+    if ids is None:
+        if n_total > config.init_sample and reducer.world_size > 1:
+            return x, reducer
+        if reducer.world_size > 1:
+            x = reducer.gather_sample(x, n_total, torch.Generator().manual_seed(config.seed))
+        return x, LocalReducer() if reducer.world_size > 1 else reducer
+    ids_f = torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None]  # exact below 2^53
+    key = torch.as_tensor(_id_hash(np.asarray(ids), config.seed))[:, None]
+    rows = torch.cat([ids_f, key, x], dim=1)
+    if n_total > config.init_sample:  # a Bernoulli pre-selection (1.5x the sample) bounds what is gathered
+        rows = rows[key[:, 0] < min(1.0, 1.5 * config.init_sample / n_total) * 2.0**52]
     if reducer.world_size > 1:
-        x = reducer.gather_sample(x, n_total, torch.Generator().manual_seed(config.seed))
-    if ids is not None:
-        x = x[torch.argsort(x[:, 0], stable=True), 1:]
-    return x, LocalReducer() if reducer.world_size > 1 else reducer
+        n_rows = int(reducer.all_reduce_sum(torch.tensor([float(rows.shape[0])], dtype=torch.float64))[0])
+        rows = reducer.gather_sample(rows, max(1, n_rows), torch.Generator().manual_seed(config.seed))
+    rows = rows[torch.argsort(rows[:, 1], stable=True)[: config.init_sample]]
+    rows = rows[torch.argsort(rows[:, 0], stable=True)]
+    return rows[:, 2:], LocalReducer() if reducer.world_size > 1 else reducer
 
 
 def _member_kwargs(config: GMMConfig) -> dict:

@@ -92,7 +92,8 @@ def build_trainer(config: JobConfig, ds, run_dir: Path, sampler_name: str) -> To
         train_loop_per_worker,
         train_loop_config={"job": config.model_dump(mode="json"), "sampler": sampler_name,
                            "fault": os.environ.get(FAULT_ENV)},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=str(run_dir),

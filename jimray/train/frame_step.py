@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from jimray.align.multiref import ReferenceScores
-from jimray.cluster.distinct import distinct_k
+from jimray.cluster.distinct import distinct_k, pose_half_scores, search_half_scores
 from jimray.cluster.frame import (
     FrameOptions,
     FrameStats,
@@ -100,20 +100,26 @@ def frame_step(volumes: torch.Tensor, tilts: np.ndarray, ids: np.ndarray, box_si
 
 def frame_k_chooser(volumes: torch.Tensor, tilts: np.ndarray, ids: np.ndarray, frame: FrameRound,
                     candidates: list[int], reducer: Reducer, seed: int = 0,
-                    lowpass_cycles_per_voxel: float | None = None) -> KChooser:
+                    lowpass_cycles_per_voxel: float | None = None, scoring: str = "pose") -> KChooser:
     """``choose(labels_for) -> (K, table)``: K by held-out class averages (:func:`jimray.cluster.distinct.
     distinct_k`) over this worker's ``volumes (n, d, h, w)`` and the round's frame scores, for partitions
-    ``labels_for(K)`` (local labels) of the round's clustering rule. The particles are scored against the
-    half-set averages up to ``lowpass_cycles_per_voxel`` (None: the frame's own low-pass)."""
+    ``labels_for(K)`` (local labels) of the round's clustering rule. ``scoring``: ``"pose"`` scores each
+    particle against the half-set averages from the pose the frame found, refined locally within a third of
+    the frame's grid step, ``"search"`` with the frame's global search; both up to
+    ``lowpass_cycles_per_voxel`` (None = the frame's own low-pass)."""
     if frame.scores is None:
         raise ValueError("the frame round carries no scores: K by held-out class averages needs the round's "
                          "frame_step output")
+    if scoring not in ("pose", "search"):
+        raise ValueError(f"scoring must be 'pose' or 'search', got {scoring!r}")
     tilt_t = torch.as_tensor(np.asarray(tilts, dtype=np.float32))
     options = frame.options if lowpass_cycles_per_voxel is None else replace(
         frame.options, lowpass_cycles_per_voxel=float(lowpass_cycles_per_voxel))
-
-    def score(vols: torch.Tensor, tilt, refs: torch.Tensor) -> torch.Tensor:
-        return _scores(vols, tilt, refs, options, 90.0).scores
+    if scoring == "pose":
+        score = pose_half_scores(options.lowpass_cycles_per_voxel, options.max_shift_voxels,
+                                 refine_degrees=options.angular_step_degrees / 3.0)  # a third of the grid's step
+    else:
+        score = search_half_scores(lambda vols, tilt, refs: _scores(vols, tilt, refs, options, 90.0).scores)
 
     def choose(labels_for: Callable[[int], np.ndarray]) -> tuple[int, list[dict]]:
         return distinct_k(candidates, labels_for, volumes, tilt_t, ids, frame.scores, score, reducer, seed=seed)

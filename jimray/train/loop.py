@@ -276,7 +276,7 @@ def _k_chooser(ctx: _Context, local: rounds.LocalEmbeddings, frame: FrameRound |
     if frame is None or gmm.n_components is not None or gmm.k_selection != "distinct" or not gmm.consensus_dims:
         return None
     return frame_k_chooser(local.volumes, local.tilts, local.ids, frame, gmm.candidates, ctx.reducer, gmm.seed,
-                           gmm.distinct_lowpass_cycles_per_voxel)
+                           gmm.distinct_lowpass_cycles_per_voxel, gmm.distinct_scoring)
 
 
 def _run_round(ctx: _Context, model: JimNet, optimizer, cluster_prev: ClusterState | None,
