@@ -87,7 +87,8 @@ class GMMConfig(_Strict):
     max_iter: int = Field(200, ge=1)
     tol: float = Field(1e-4, gt=0)
     pca_dims: int | None = Field(16, ge=1, description="reduce embeddings to this many PCA dims; None = off")
-    init_sample: int = Field(20000, ge=100, description="points gathered for k-means++ seeding")
+    init_sample: int = Field(20000, ge=100, description="points gathered for k-means++ seeding; also the most "
+                             "rows the consensus is fitted on (chosen by a hash of their ids; its rule labels all)")
     consensus_dims: list[int] | None = Field(
         default_factory=lambda: [4, 6, 8, 12, 16],
         description="PCA sizes of the consensus ensemble (one diagonal mixture per size and seed, combined by "
@@ -193,7 +194,8 @@ class ScalingConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers on nodes (Ray Train's ScalingConfig.placement_strategy): PACK "
         "fills a node first (least traffic), SPREAD puts each on its own node where it can (more memory bandwidth "
-        "and disks per worker, gradients cross the network)")
+        "and disks per worker, gradients cross the network). With SPREAD every node must keep a whole CPU free "
+        "for Ray Data's read tasks: on 2 nodes x 1 CPU with 0.5-CPU workers the first read waited forever")
 
 
 class OutputConfig(_Strict):
