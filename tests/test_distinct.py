@@ -19,7 +19,6 @@ from jimray.cluster.distinct import (
 )
 from jimray.cluster.frame import FrameOptions, frame_scores
 from jimray.cluster.reduce import LocalReducer
-from jimray.config import GMMConfig
 from jimray.simulate.embedded import embedded_maps
 from jimray.simulate.subtomogram import simulate_subtomograms
 from jimray.train.frame_step import frame_k_chooser, frame_step
@@ -123,7 +122,6 @@ def test_the_scan_returns_the_number_of_structures(scoring, lowpass):
         distinct_k([], lambda k: truth, volumes, tilts, ids, frame.scores)
     with pytest.raises(ValueError, match="scoring"):
         frame_k_chooser(volumes, tilts, ids, frame, [1, 2], LocalReducer(), scoring="grid")
-    assert GMMConfig().distinct_scoring == "pose"
 
 
 def test_a_cluster_too_small_to_verify_is_not_distinct():

@@ -208,3 +208,28 @@ def test_seeding_sample_depends_on_the_rows_not_their_order():
     noisy = x[perm] * (1.0 + 1e-15)
     torch.testing.assert_close(seeding_sample(noisy, 100, LocalReducer(), gen().manual_seed(5)), large)
     assert not torch.equal(large, seeding_sample(x[:400], 100, LocalReducer(), gen().manual_seed(0)))
+
+
+def _nccl_worker(rank: int, world: int, init_file: str, out_dir: str):
+    torch.distributed.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.cuda.set_device(0)
+        reducer = TorchDistributedReducer()
+        cpu = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+        total = reducer.all_reduce_sum(cpu)
+        rows = reducer.gather_sample(cpu, 10, torch.Generator().manual_seed(0))
+        both = reducer.all_reduce_sum(torch.ones(2, dtype=torch.complex128))
+        torch.save({"total": total, "rows": rows, "both": both}, os.path.join(out_dir, "nccl.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_nccl_reducer_takes_cpu_tensors_and_returns_them_on_the_cpu(tmp_path):
+    """The rounds keep embeddings, counts and averages on the CPU: under NCCL (GPU training) the reducer moves
+    them to the GPU for the collective and back."""
+    torch.multiprocessing.spawn(_nccl_worker, args=(1, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=1, join=True)
+    out = torch.load(tmp_path / "nccl.pt", weights_only=False)
+    assert all(t.device.type == "cpu" for t in out.values())
+    torch.testing.assert_close(out["total"], torch.arange(6, dtype=torch.float64).reshape(3, 2))
+    assert out["rows"].shape == (3, 2) and torch.equal(out["both"], torch.ones(2, dtype=torch.complex128))

@@ -248,7 +248,7 @@ def refine_poses(
     from jimray.baselines.search import _Searcher
 
     tilts = _check(particles, references, tilt_range_degrees).to(device=particles.device, dtype=particles.dtype)
-    refs = references[labels].to(particles.dtype)
+    refs = (references if references.shape[0] == 1 else references[labels]).to(particles.dtype)  # one: shared
     searcher = _Searcher(particles, tilts, refs, torch.full((1,), 90.0, device=particles.device,
                          dtype=particles.dtype), lowpass_cycles_per_voxel, max_shift_voxels, True, 512)
     idx = torch.arange(particles.shape[0], device=particles.device)

@@ -165,7 +165,7 @@ def pose_half_scores(lowpass_cycles_per_voxel: float = 0.25, max_shift_voxels: f
                                           max_shift_voxels=max_shift_voxels,
                                           lowpass_cycles_per_voxel=lowpass_cycles_per_voxel)
                 out[p, c] = value[:, 0]
-        return torch.nan_to_num(out)  # an empty half's zero average scores 0, not NaN
+        return out
 
     return score
 

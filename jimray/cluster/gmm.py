@@ -140,7 +140,8 @@ def _row_hash(x: torch.Tensor) -> torch.Tensor:
 def seeding_sample(X: torch.Tensor, n_max: int, reducer: Reducer, generator: torch.Generator) -> torch.Tensor:
     """At most ``n_max`` rows of the global data set (every rank's ``X``) to seed from, identical on all ranks and
     a function of the set of rows alone (not of how they are spread over ranks or ordered): every row when the
-    set is small, else the ``n_max`` rows of smallest :func:`_row_hash`; in the order of their values."""
+    set is small, else the ``n_max`` rows of smallest :func:`_row_hash`; in the order of their values. Every
+    ``n_init`` start seeds from these rows (the starts differ by the generator's k-means++ draws)."""
     def total(count: int) -> int:
         return int(reducer.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=X.device))[0])
 

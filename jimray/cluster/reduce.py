@@ -79,7 +79,8 @@ class LocalReducer:
 class TorchDistributedReducer:
     """Collectives over the default ``torch.distributed`` process group (which must be initialised).
 
-    Tensors must live on a device the backend supports (CPU for gloo, CUDA for NCCL).
+    Tensors may live anywhere: under NCCL (GPU training) a CPU tensor (the rounds' embeddings, counts and
+    averages are on the CPU) is reduced on the worker's current CUDA device and comes back on the CPU.
     """
 
     def __init__(self, group=None):
@@ -94,6 +95,13 @@ class TorchDistributedReducer:
         self._group = group
         self._world_size = dist.get_world_size(group)
         self._rank = dist.get_rank(group)
+        nccl = str(dist.get_backend(group)).lower() == "nccl"
+        self._device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+
+    def _on_comm_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``t`` on the device the backend communicates from."""
+        device = t.device if self._device is None else self._device
+        return t.detach().to(device=device, copy=True).contiguous()
 
     @property
     def world_size(self) -> int:
@@ -104,23 +112,24 @@ class TorchDistributedReducer:
         return self._rank
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        out = t.detach().clone().contiguous()
+        out = self._on_comm_device(t)
         self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM, group=self._group)
-        return out
+        return out.to(t.device)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
-        out = t.detach().clone().contiguous()
+        out = self._on_comm_device(t)
         self._dist.broadcast(out, src=src, group=self._group)
-        return out
+        return out.to(t.device)
 
     def _all_gather_rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Concatenate every rank's ``x`` (row counts ``counts``) in rank order; pads to equal size."""
         n_pad = max(counts)
         padded = torch.zeros((n_pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
         padded[: x.shape[0]] = x
+        padded = self._on_comm_device(padded)
         parts = [torch.empty_like(padded) for _ in range(self._world_size)]
         self._dist.all_gather(parts, padded, group=self._group)
-        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).to(x.device)
 
     def gather_sample(self, x: torch.Tensor, n_max: int, generator: torch.Generator) -> torch.Tensor:
         _check_sample_args(x, n_max)

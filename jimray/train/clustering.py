@@ -145,7 +145,8 @@ def _id_hash(ids: np.ndarray, seed: int) -> np.ndarray:
     """A seeded 52-bit hash ``(n,)`` float64 of integer ids (splitmix64): the same id, the same value, wherever
     it is held."""
     with np.errstate(over="ignore"):
-        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(
+            (int(seed) + 1) % 2**64)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -168,6 +169,9 @@ def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer, 
         if reducer.world_size > 1:
             x = reducer.gather_sample(x, n_total, torch.Generator().manual_seed(config.seed))
         return x, LocalReducer() if reducer.world_size > 1 else reducer
+    if len(ids) and np.abs(np.asarray(ids, dtype=np.int64)).max() >= 2**53:
+        raise ValueError("subtomogram ids must be below 2^53 (they are ordered as float64 on the way to every "
+                         "rank); renumber the particles (jimray ingest assigns 0..n-1)")
     ids_f = torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None]  # exact below 2^53
     key = torch.as_tensor(_id_hash(np.asarray(ids), config.seed))[:, None]
     rows = torch.cat([ids_f, key, x], dim=1)
