@@ -70,12 +70,13 @@ def accuracy_from_files(star, shard_dir) -> float:
     from pathlib import Path
 
     from jimray.conventions import clustering_accuracy
+    from jimray.io.mrc import split_image_name
     from jimray.io.shards import read_shard
     from jimray.io.star import read_particles
 
     def key(name: str) -> str:
-        prefix, _, file = str(name).rpartition("@")
-        return f"{prefix}@{Path(file).name}"
+        prefix, file = split_image_name(name)
+        return f"{prefix}{Path(file).name}"
 
     truth: dict[str, int] = {}
     for shard in sorted(Path(shard_dir).glob("*.parquet")):

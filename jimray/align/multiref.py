@@ -25,7 +25,8 @@ from jimray.fourier.xcorr import hermitian_weights, mask_to_rfft
 
 _DIMS = (-3, -2, -1)
 
-__all__ = ["ReferenceScores", "fourier_binning", "score_references", "score_at_poses", "refine_poses", "so3_grid"]
+__all__ = ["ReferenceScores", "fourier_binning", "tilt_vector", "score_references", "score_at_poses", "refine_poses",
+           "so3_grid"]
 
 
 @dataclass
@@ -44,18 +45,22 @@ class ReferenceScores:
         return labels, self.scores[idx, labels], self.rotations[idx, labels], self.shifts[idx, labels]
 
 
+def tilt_vector(tilt_range_degrees, n: int) -> torch.Tensor:
+    """Tilt ranges ``(n,)`` float64 from a number or an ``(n,)`` sequence (checked)."""
+    tilt = torch.as_tensor(tilt_range_degrees, dtype=torch.float64).reshape(-1)
+    tilt = tilt.expand(n) if tilt.numel() == 1 else tilt
+    if tilt.shape != (n,):
+        raise ValueError(f"tilt_range_degrees must be a number or have shape ({n},), got {tuple(tilt.shape)}")
+    return tilt
+
+
 def _check(particles: torch.Tensor, references: torch.Tensor, tilts) -> torch.Tensor:
     if particles.ndim != 4 or references.ndim != 4 or particles.shape[1:] != references.shape[1:]:
         raise ValueError(f"particles (n, d, h, w) and references (K, d, h, w) must share a box, got "
                          f"{tuple(particles.shape)} and {tuple(references.shape)}")
     if not (torch.isfinite(particles).all() and torch.isfinite(references).all()):
         raise ValueError("particles or references contain NaN or infinite voxels; clean the input volumes first")
-    n = particles.shape[0]
-    tilt = torch.as_tensor(tilts, dtype=torch.float64).reshape(-1)
-    tilt = tilt.expand(n) if tilt.numel() == 1 else tilt
-    if tilt.shape != (n,):
-        raise ValueError(f"tilt_range_degrees must be a number or have shape ({n},), got {tuple(tilt.shape)}")
-    return tilt
+    return tilt_vector(tilts, particles.shape[0])
 
 
 def fourier_binning(shape: tuple[int, ...], lowpass: float) -> int:
@@ -211,21 +216,17 @@ def score_at_poses(
     rotation of a reference per (particle, reference) at full sampling (not Fourier-binned: the trilinear
     rotation of a binned volume damps the band near the low-pass, which is where small structures differ; on
     the benchmark set embedded 0.05 the distinct test's weakest true pair fell from d 1.05 to 0.52 binned)."""
-    from jimray.baselines.search import _Searcher
-
-    tilts = _check(particles, references, tilt_range_degrees).to(device=particles.device, dtype=particles.dtype)
     n, m = particles.shape[0], references.shape[0]
     if rotations.shape != (n, m, 3, 3):
         raise ValueError(f"rotations must have shape ({n}, {m}, 3, 3) (particles, references), got "
                          f"{tuple(rotations.shape)}")
     scores = particles.new_empty((n, m))
     shifts = particles.new_empty((n, m, 3))
-    no_wedge = torch.full((1,), 90.0, device=particles.device, dtype=particles.dtype)
-    for j in range(m):  # full sampling: rotating Fourier-binned volumes damps the band near the low-pass
-        searcher = _Searcher(particles, tilts, references[j : j + 1].to(particles.dtype), no_wedge,
-                             lowpass_cycles_per_voxel, max_shift_voxels, True, 512)
-        score, shift = searcher.score(rotations[:, j : j + 1].to(particles.dtype))
-        scores[:, j], shifts[:, j] = score[:, 0], shift[:, 0]
+    same = torch.zeros(n, dtype=torch.long, device=particles.device)
+    for j in range(m):  # refine_poses without a refinement step: the score at the pose, best shift
+        _, shifts[:, j], scores[:, j] = refine_poses(
+            particles, references[j : j + 1], same, rotations[:, j].to(particles.dtype), tilt_range_degrees, steps=0,
+            max_shift_voxels=max_shift_voxels, lowpass_cycles_per_voxel=lowpass_cycles_per_voxel)
     return scores, shifts
 
 

@@ -120,11 +120,6 @@ def class_half_averages(volumes: torch.Tensor, tilts, labels: np.ndarray, halves
     return torch.fft.irfftn(spectra / weights.clamp_min(wiener_floor), s=shape, dim=(-3, -2, -1)).float()
 
 
-def _tilt_vector(tilts, n: int) -> torch.Tensor:
-    tilt = torch.as_tensor(tilts, dtype=torch.float32).reshape(-1)
-    return tilt.expand(n) if tilt.numel() == 1 else tilt
-
-
 def pose_half_scores(lowpass_cycles_per_voxel: float = 0.25, max_shift_voxels: float = 4.0,
                      refine_degrees: float = 10.0) -> HalfScores:
     """The default scorer of the test: ``score(volumes (n, d, h, w), tilts, averages (K, 2, d, h, w), rotations
@@ -136,7 +131,7 @@ def pose_half_scores(lowpass_cycles_per_voxel: float = 0.25, max_shift_voxels: f
     in that half. The score is then taken at full sampling up to ``lowpass_cycles_per_voxel`` with a shift
     search (:func:`jimray.align.multiref.score_at_poses`): the small structures differ in the band near the
     low-pass that a binned rotation damps, where the frame's grid search runs (BENCHMARKS.md, issue 12)."""
-    from jimray.align.multiref import fourier_binning, refine_poses, score_at_poses
+    from jimray.align.multiref import fourier_binning, refine_poses, score_at_poses, tilt_vector
     from jimray.baselines.search import fourier_crop
 
     def score(volumes: torch.Tensor, tilts, averages: torch.Tensor, rotations: torch.Tensor,
@@ -145,14 +140,15 @@ def pose_half_scores(lowpass_cycles_per_voxel: float = 0.25, max_shift_voxels: f
         out = torch.zeros((n, k))
         if n == 0:  # a worker without rows still takes part in every reduction
             return out
-        volumes, tilt = volumes.float(), _tilt_vector(tilts, n)
+        volumes, tilt = volumes.float(), tilt_vector(tilts, n)
         binning = fourier_binning(tuple(volumes.shape[-3:]), lowpass_cycles_per_voxel)
         small = fourier_crop(volumes, binning)
         small_avg = fourier_crop(averages.reshape(2 * k, *averages.shape[-3:]), binning)
         small_avg = small_avg.reshape(k, 2, *small.shape[-3:])
+        # the particles scored against each half's average: those of the other half
+        scored = [torch.as_tensor(np.flatnonzero(np.asarray(halves) == 1 - half), dtype=torch.long) for half in (0, 1)]
         for c in range(k):
-            for half in (0, 1):
-                p = torch.as_tensor(np.flatnonzero(np.asarray(halves) == 1 - half), dtype=torch.long)
+            for half, p in enumerate(scored):
                 if len(p) == 0:
                     continue
                 rot = rotations[p, c].float()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jimray.cluster.keys import gather_smallest_keys, value_keys
 from jimray.cluster.reduce import Reducer, as_reducer
 from jimray.cluster.seeding import seed_centers
 
@@ -124,35 +125,13 @@ def _value_order(x: torch.Tensor) -> torch.Tensor:
     return torch.argsort(x.double() @ weights, stable=True)
 
 
-def _row_hash(x: torch.Tensor) -> torch.Tensor:
-    """A 52-bit hash ``(n,)`` float64 of each row of ``x (n, f)`` (splitmix64 per value, summed): a function of
-    the row's values alone, rounded to 6 decimals first so that the last-bit differences of a projection
-    computed with statistics summed in another order do not change it."""
-    bits = (np.round(x.detach().double().cpu().numpy(), 6) + 0.0).view(np.uint64)
-    with np.errstate(over="ignore"):
-        z = bits + np.uint64(0x9E3779B97F4A7C15) * (np.arange(bits.shape[1], dtype=np.uint64) + np.uint64(1))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = (z ^ (z >> np.uint64(31))).sum(axis=1, dtype=np.uint64)
-    return torch.as_tensor((z >> np.uint64(12)).astype(np.float64), device=x.device)
-
-
 def seeding_sample(X: torch.Tensor, n_max: int, reducer: Reducer, generator: torch.Generator) -> torch.Tensor:
     """At most ``n_max`` rows of the global data set (every rank's ``X``) to seed from, identical on all ranks and
     a function of the set of rows alone (not of how they are spread over ranks or ordered): every row when the
-    set is small, else the ``n_max`` rows of smallest :func:`_row_hash`; in the order of their values. Every
-    ``n_init`` start seeds from these rows (the starts differ by the generator's k-means++ draws)."""
-    def total(count: int) -> int:
-        return int(reducer.all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=X.device))[0])
-
-    n_total = total(X.shape[0])
-    if n_total <= n_max:
-        sample = reducer.gather_sample(X, n_max, generator)
-    else:  # a Bernoulli pre-selection by hash (1.5x the sample) bounds what is gathered
-        key = _row_hash(X)
-        rows = torch.cat([key[:, None], X.double()], dim=1)[key < min(1.0, 1.5 * n_max / n_total) * 2.0**52]
-        rows = reducer.gather_sample(rows, max(1, total(rows.shape[0])), generator)
-        sample = rows[torch.argsort(rows[:, 0], stable=True)[:n_max], 1:].to(X.dtype)
+    set is small, else the ``n_max`` rows of smallest :func:`jimray.cluster.keys.value_keys`; in the order of
+    their values. Every ``n_init`` start seeds from these rows (the starts differ by the generator's k-means++
+    draws)."""
+    sample = gather_smallest_keys(X, n_max, reducer, generator, value_keys).to(X.dtype)
     return sample[_value_order(sample)]
 
 

@@ -18,6 +18,7 @@ import torch
 
 from jimray.cluster.consensus import consensus_mixture, select_k
 from jimray.cluster.gmm import GaussianMixture
+from jimray.cluster.keys import gather_smallest_keys, id_keys
 from jimray.cluster.pca import PCAState, whitened_projection
 from jimray.cluster.reduce import LocalReducer, Reducer
 from jimray.cluster.select import fit_best_k, gmm_kwargs
@@ -141,18 +142,6 @@ def _consensus_rule(embeddings: torch.Tensor, fit_rows: torch.Tensor, fit_reduce
     return np.asarray(gmm.predict(z), dtype=np.int64), gmm, pca, z
 
 
-def _id_hash(ids: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded 52-bit hash ``(n,)`` float64 of integer ids (splitmix64): the same id, the same value, wherever
-    it is held."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(
-            (int(seed) + 1) % 2**64)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(12)).astype(np.float64)
-
-
 def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer, ids: np.ndarray | None = None
                  ) -> tuple[torch.Tensor, Reducer]:
     """The rows the consensus is fitted on, and the reducer to fit them with.
@@ -162,8 +151,8 @@ def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer, 
     of ids alone, not on how Ray Data spread and ordered the rows. Without ids: every rank's rows on every rank
     when the set is small (one process: its rows), else the local rows with ``reducer``."""
     x = embeddings.double()
-    n_total = int(reducer.all_reduce_sum(torch.tensor([float(x.shape[0])], dtype=torch.float64))[0])
     if ids is None:
+        n_total = int(reducer.all_reduce_sum(torch.tensor([float(x.shape[0])], dtype=torch.float64))[0])
         if n_total > config.init_sample and reducer.world_size > 1:
             return x, reducer
         if reducer.world_size > 1:
@@ -172,17 +161,11 @@ def _fitting_set(embeddings: torch.Tensor, config: GMMConfig, reducer: Reducer, 
     if len(ids) and np.abs(np.asarray(ids, dtype=np.int64)).max() >= 2**53:
         raise ValueError("subtomogram ids must be below 2^53 (they are ordered as float64 on the way to every "
                          "rank); renumber the particles (jimray ingest assigns 0..n-1)")
-    ids_f = torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None]  # exact below 2^53
-    key = torch.as_tensor(_id_hash(np.asarray(ids), config.seed))[:, None]
-    rows = torch.cat([ids_f, key, x], dim=1)
-    if n_total > config.init_sample:  # a Bernoulli pre-selection (1.5x the sample) bounds what is gathered
-        rows = rows[key[:, 0] < min(1.0, 1.5 * config.init_sample / n_total) * 2.0**52]
-    if reducer.world_size > 1:
-        n_rows = int(reducer.all_reduce_sum(torch.tensor([float(rows.shape[0])], dtype=torch.float64))[0])
-        rows = reducer.gather_sample(rows, max(1, n_rows), torch.Generator().manual_seed(config.seed))
-    rows = rows[torch.argsort(rows[:, 1], stable=True)[: config.init_sample]]
-    rows = rows[torch.argsort(rows[:, 0], stable=True)]
-    return rows[:, 2:], LocalReducer() if reducer.world_size > 1 else reducer
+    rows = torch.cat([torch.as_tensor(np.asarray(ids, dtype=np.float64))[:, None], x], dim=1)  # exact below 2^53
+    rows = gather_smallest_keys(rows, config.init_sample, reducer, torch.Generator().manual_seed(config.seed),
+                                lambda r: id_keys(r[:, 0].numpy().astype(np.int64), config.seed))
+    rows = rows[torch.argsort(rows[:, 0], stable=True)]  # id order
+    return rows[:, 1:], LocalReducer() if reducer.world_size > 1 else reducer
 
 
 def _member_kwargs(config: GMMConfig) -> dict:
